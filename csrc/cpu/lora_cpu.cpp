@@ -1,0 +1,130 @@
+// CPU fallback: the same operators as csrc/cuda/, built from ATen's BLAS for the matrix products
+// and the shared Philox mask (csrc/dropout_mask.h) for dropout. The low-rank part runs in the
+// accumulation type (float32, or float64 for float64 inputs) and is rounded once into the output.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../dropout_mask.h"
+
+namespace lora_ext {
+namespace {
+
+uint64_t read_seed(const c10::optional<at::Tensor>& dropout_seed) {
+  return static_cast<uint64_t>(dropout_seed->item<int64_t>());
+}
+
+// The keep mask as 0 / (1 / (1 − p)) in the accumulation type: a temporary of the CPU path only,
+// regenerated wherever it is needed and never saved for backward.
+at::Tensor scaled_keep_mask(uint64_t seed, int64_t rows, int64_t cols, double dropout_p, at::ScalarType dtype) {
+  at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(dtype));
+  const uint32_t threshold = dropout_threshold(dropout_p);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lora_ext_scaled_keep_mask", [&] {
+    scalar_t* out = mask.data_ptr<scalar_t>();
+    const scalar_t kept = static_cast<scalar_t>(1.0 / (1.0 - dropout_p));
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        for (int64_t col = 0; col < cols; ++col) {
+          out[row * cols + col] = dropout_keep(seed, row, col, threshold) ? kept : scalar_t(0);
+        }
+      }
+    });
+  });
+  return mask;
+}
+
+// dropout(x) in the accumulation type; a fresh tensor, never x itself.
+at::Tensor dropped_input(const at::Tensor& x, double dropout_p, const c10::optional<at::Tensor>& dropout_seed,
+                         at::ScalarType acc) {
+  if (dropout_p == 0.0) return x.to(acc);
+  return x.to(acc) * scaled_keep_mask(read_seed(dropout_seed), x.size(0), x.size(1), dropout_p, acc);
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                    const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                    const at::Tensor& lora_B, double scaling, double dropout_p,
+                                                    const c10::optional<at::Tensor>& dropout_seed) {
+  const char* op = "lora_ext::lora_forward";
+  check_lora_inputs(x, weight, bias, lora_A, lora_B, op);
+  check_dropout(dropout_p, dropout_seed, x, op);
+  const auto acc = accumulate_type(x.scalar_type());
+
+  at::Tensor y = at::linear(x, weight, bias).contiguous();
+  at::Tensor lora_activation = at::matmul(dropped_input(x, dropout_p, dropout_seed, acc), lora_A.to(acc).t());
+  at::Tensor lora_output = at::matmul(lora_activation, lora_B.to(acc).t());
+  // One rounding of the float32 sum for 16-bit outputs: TensorIterator computes add_ in float32.
+  y.add_(lora_output, scaling);
+  return {y, lora_activation};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& lora_activation, double scaling, double dropout_p,
+    const c10::optional<at::Tensor>& dropout_seed, bool compute_grad_x) {
+  const char* op = "lora_ext::lora_backward";
+  const LoraDims dims = check_lora_inputs(x, weight, c10::nullopt, lora_A, lora_B, op);
+  check_dropout(dropout_p, dropout_seed, x, op);
+  check_backward_inputs(grad_y, lora_activation, dims, x, op);
+  const auto acc = accumulate_type(x.scalar_type());
+  const auto adapter_dtype = lora_A.scalar_type();
+
+  const at::Tensor grad_y_acc = grad_y.to(acc);
+  // d(loss)/d(lora_activation) = scaling · dy·B: (tokens, r).
+  const at::Tensor grad_activation = at::matmul(grad_y_acc, lora_B.to(acc)).mul_(scaling);
+  at::Tensor grad_B = at::matmul(grad_y_acc.t(), lora_activation).mul_(scaling).to(adapter_dtype);
+
+  at::Tensor keep_scale;  // 0 or 1/(1-p), shared by grad_A and grad_x
+  if (dropout_p > 0.0) keep_scale = scaled_keep_mask(read_seed(dropout_seed), dims.tokens, dims.in_features, dropout_p, acc);
+  const at::Tensor x_dropped = dropout_p > 0.0 ? x.to(acc) * keep_scale : x.to(acc);
+  at::Tensor grad_A = at::matmul(grad_activation.t(), x_dropped).to(adapter_dtype);
+
+  at::Tensor grad_x;
+  if (compute_grad_x) {
+    grad_x = at::matmul(grad_y, weight).contiguous();
+    at::Tensor lora_grad_x = at::matmul(grad_activation, lora_A.to(acc));
+    if (dropout_p > 0.0) lora_grad_x.mul_(keep_scale);
+    grad_x.add_(lora_grad_x);
+  } else {
+    grad_x = at::empty({0}, x.options());
+  }
+  return {grad_x, grad_A, grad_B};
+}
+
+void merge_cpu_impl(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                    const char* op) {
+  check_merge_inputs(weight, lora_A, lora_B, op);
+  const auto acc = accumulate_type(weight.scalar_type());
+  // W + s·B·A computed whole in the accumulation type, then rounded once into W.
+  at::Tensor merged = at::addmm(weight.to(acc), lora_B.to(acc), lora_A.to(acc), /*beta=*/1, /*alpha=*/scaling);
+  weight.copy_(merged);
+}
+
+void merge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
+  merge_cpu_impl(weight, lora_A, lora_B, scaling, "lora_ext::merge_");
+}
+
+void unmerge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
+  merge_cpu_impl(weight, lora_A, lora_B, -scaling, "lora_ext::unmerge_");
+}
+
+at::Tensor dropout_keep_mask_cpu(const at::Tensor& dropout_seed, int64_t rows, int64_t cols, double dropout_p) {
+  const char* op = "lora_ext::dropout_keep_mask";
+  TORCH_CHECK(rows >= 0 && cols >= 0, op, ": rows and cols must be >= 0, got ", rows, " and ", cols);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(dropout_seed.scalar_type() == at::kLong && dropout_seed.numel() == 1, op,
+              ": dropout_seed must be an int64 tensor with one element");
+  return scaled_keep_mask(static_cast<uint64_t>(dropout_seed.item<int64_t>()), rows, cols, dropout_p, at::kFloat) != 0;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
+  m.impl("lora_forward", &lora_forward_cpu);
+  m.impl("lora_backward", &lora_backward_cpu);
+  m.impl("merge_", &merge_cpu);
+  m.impl("unmerge_", &unmerge_cpu);
+  m.impl("dropout_keep_mask", &dropout_keep_mask_cpu);
+}
+
+}  // namespace lora_ext

@@ -1,0 +1,31 @@
+// Every lora_ext operator's schema, in one place. The backends register their kernels in
+// csrc/cpu/ and csrc/cuda/ (TORCH_LIBRARY_IMPL); lora_ext/ops.py registers the fake (meta)
+// implementations and the autograd formula, so torch.compile traces the ops without graph breaks.
+#include <torch/library.h>
+#include <torch/extension.h>
+
+TORCH_LIBRARY(lora_ext, m) {
+  // y = x·Wᵀ + b + scaling · dropout(x)·Aᵀ·Bᵀ for 2-D x (tokens, in_features). Also returns
+  // lora_activation = dropout(x)·Aᵀ (tokens, r) in float32 (float64 for float64 x): the one tensor that
+  // backward needs beyond x. dropout(x) = x · keep / (1 − p), keep drawn from dropout_seed.
+  m.def(
+      "lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "float dropout_p, Tensor? dropout_seed) -> (Tensor y, Tensor lora_activation)");
+  // Gradients of lora_forward with respect to x, lora_A and lora_B (W and b are frozen). grad_x is an
+  // empty tensor of shape (0,) when compute_grad_x is false.
+  m.def(
+      "lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor lora_activation, float scaling, float dropout_p, Tensor? dropout_seed, bool compute_grad_x) "
+      "-> (Tensor grad_x, Tensor grad_A, Tensor grad_B)");
+  // weight += scaling · B·A (merge_) or weight -= scaling · B·A (unmerge_), in place, accumulated in
+  // float32 (float64 for float64 weights) and rounded once.
+  m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()");
+  m.def("unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()");
+  // The boolean keep mask (rows, cols) that the kernels draw for dropout_seed; for tests and inspection.
+  m.def("dropout_keep_mask(Tensor dropout_seed, int rows, int cols, float dropout_p) -> Tensor");
+}
+
+// Importing lora_ext._C loads this library, which runs the registrations above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "lora_ext operators; use them through torch.ops.lora_ext or the lora_ext package";
+}

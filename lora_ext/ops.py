@@ -1,0 +1,145 @@
+"""Thin Python wrappers over torch.ops.lora_ext: fake (meta) implementations for torch.compile and the
+autograd formula. The kernels live in csrc/; nothing here computes what an operator computes, except the
+gradients of the frozen weight and bias, which only exist if a user unfroze them."""
+from typing import Optional
+
+import torch
+
+import lora_ext
+
+from ._loader import load_extension
+
+load_extension(lora_ext)  # registers torch.ops.lora_ext.*
+
+__all__ = [
+    "lora_linear",
+    "new_dropout_seed",
+    "dropout_keep_mask",
+    "merge_",
+    "unmerge_",
+    "cuda_kernels_available",
+]
+
+
+def cuda_kernels_available() -> bool:
+    """Whether this build of lora_ext has its CUDA kernels (False for a CPU-only build)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("lora_ext::lora_forward", "CUDA")
+
+
+def new_dropout_seed(device) -> torch.Tensor:
+    """A fresh dropout seed (int64, shape (1,)) drawn from torch's generator on `device`: repeatable
+    under torch.manual_seed, and drawn anew on every replay of a captured CUDA graph."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("lora_ext::lora_forward")
+def _lora_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed):
+    torch._check(x.dim() == 2, lambda: f"lora_forward: x must be 2-D, got {x.dim()}-D")
+    torch._check(weight.shape[1] == x.shape[1], lambda: "lora_forward: weight must be (out_features, in_features)")
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    lora_activation = x.new_empty((x.shape[0], lora_A.shape[0]), dtype=_accumulate_dtype(x.dtype))
+    return y, lora_activation
+
+
+@torch.library.register_fake("lora_ext::lora_backward")
+def _lora_backward_fake(grad_y, x, weight, lora_A, lora_B, lora_activation, scaling, dropout_p, dropout_seed,
+                        compute_grad_x):
+    grad_x = x.new_empty(x.shape) if compute_grad_x else x.new_empty((0,))
+    return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+@torch.library.register_fake("lora_ext::merge_")
+def _merge_fake(weight, lora_A, lora_B, scaling):
+    return None
+
+
+@torch.library.register_fake("lora_ext::unmerge_")
+def _unmerge_fake(weight, lora_A, lora_B, scaling):
+    return None
+
+
+@torch.library.register_fake("lora_ext::dropout_keep_mask")
+def _dropout_keep_mask_fake(dropout_seed, rows, cols, dropout_p):
+    return dropout_seed.new_empty((rows, cols), dtype=torch.bool)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed = inputs
+    _, lora_activation = output
+    # Saved for backward: x, the frozen W, the adapters, x·Aᵀ (tokens × r) and an 8-byte seed.
+    # No dropped copy of x and no mask: backward regenerates the mask from the seed.
+    ctx.save_for_backward(x, weight, lora_A, lora_B, lora_activation, dropout_seed)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(lora_activation)
+
+
+def _backward(ctx, grad_y, _grad_lora_activation):
+    x, weight, lora_A, lora_B, lora_activation, dropout_seed = ctx.saved_tensors
+    needs_x, needs_weight, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]
+    grad_x, grad_A, grad_B = torch.ops.lora_ext.lora_backward(
+        grad_y, x, weight, lora_A, lora_B, lora_activation, ctx.scaling, ctx.dropout_p, dropout_seed, needs_x
+    )
+    # W and b are frozen in LoRA; should a user unfreeze them, they still get exact gradients.
+    grad_weight = grad_y.t().mm(x) if needs_weight else None
+    grad_bias = grad_y.sum(0) if needs_bias and ctx.has_bias else None
+    return (
+        grad_x if needs_x else None,
+        grad_weight,
+        grad_bias,
+        grad_A if needs_A else None,
+        grad_B if needs_B else None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("lora_ext::lora_forward", _backward, setup_context=_setup_context)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + b + scaling · dropout(x)·Aᵀ·Bᵀ for x of any leading shape (..., in_features).
+
+    With dropout_p > 0 and no dropout_seed, a seed is drawn from torch's generator."""
+    if x.dim() == 0:
+        raise ValueError("lora_linear: x must have at least one dimension (..., in_features), got a 0-dim tensor")
+    if dropout_p > 0 and dropout_seed is None:
+        dropout_seed = new_dropout_seed(x.device)
+    if dropout_p == 0:
+        dropout_seed = None
+    leading_shape = x.shape[:-1]
+    x_2d = x.reshape(-1, x.shape[-1])
+    y, _ = torch.ops.lora_ext.lora_forward(
+        x_2d, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), dropout_seed
+    )
+    return y.view(*leading_shape, y.shape[-1])
+
+
+def dropout_keep_mask(dropout_seed: torch.Tensor, rows: int, cols: int, dropout_p: float) -> torch.Tensor:
+    """The boolean keep mask (rows, cols) that the kernels draw for this seed and probability."""
+    return torch.ops.lora_ext.dropout_keep_mask(dropout_seed, rows, cols, float(dropout_p))
+
+
+def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+    """weight += scaling · lora_B · lora_A in place (float32 accumulation, one rounding)."""
+    torch.ops.lora_ext.merge_(weight, lora_A, lora_B, float(scaling))
+
+
+def unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+    """weight -= scaling · lora_B · lora_A in place (float32 accumulation, one rounding)."""
+    torch.ops.lora_ext.unmerge_(weight, lora_A, lora_B, float(scaling))

@@ -1,0 +1,258 @@
+"""Side-by-side speed of the frozen base layer, lora_ext.LoRALinear and PEFT's lora.Linear.
+
+    python benchmarks/bench_lora.py [--quick] [--json PATH] [--plot PATH]
+
+Every case runs the three implementations in one process on the same random inputs and prints medians
+(triton.testing.do_bench, return_mode="median", L2 flushed) and each one's ratio to the frozen base layer,
+plus the memory each holds for backward. Runs on whatever GPU is there (bf16), or on the CPU (float32,
+small sizes) when there is none. No assertions: RESULTS.md records what it printed.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+
+import torch
+from torch import nn
+
+import lora_ext
+
+try:
+    import peft
+    from peft import LoraConfig, get_peft_model
+except ImportError:  # PEFT is optional: the table then has no PEFT column
+    peft = None
+
+
+def median_ms(fn, device, warmup_ms=25, rep_ms=100):
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    for _ in range(3):
+        fn()
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1000 * 5
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    return times[len(times) // 2]
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def make_layers(in_features, out_features, rank, dropout, dtype, adapter_dtype, device):
+    base = nn.Linear(in_features, out_features, device=device, dtype=dtype)
+    base.weight.requires_grad_(False)
+    base.bias.requires_grad_(False)
+    layers = {"base": base}
+
+    ours = lora_ext.LoRALinear.from_linear(copy.deepcopy(base), r=rank, alpha=2 * rank, dropout=dropout)
+    with torch.no_grad():  # random B (never zeros), same values in every implementation
+        lora_B = torch.randn(out_features, rank, device=device) * 0.01
+        lora_A = ours.lora_A.detach().float().clone()
+    ours.lora_A = nn.Parameter(lora_A.to(adapter_dtype))
+    ours.lora_B = nn.Parameter(lora_B.to(adapter_dtype))
+    layers["lora_ext"] = ours
+
+    if peft is not None:
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=["proj"])
+        try:
+            model = get_peft_model(_Wrapper(copy.deepcopy(base)), config, autocast_adapter_dtype=False)
+        except TypeError:
+            model = get_peft_model(_Wrapper(copy.deepcopy(base)), config)
+        peft_layer = model.base_model.model.proj
+        with torch.no_grad():
+            peft_layer.lora_A["default"].weight.data = lora_A.to(adapter_dtype)
+            peft_layer.lora_B["default"].weight.data = lora_B.to(adapter_dtype)
+        layers["peft"] = peft_layer
+    return layers
+
+
+def held_for_backward_mb(layer, x):
+    """Memory the autograd graph keeps alive after a forward (beyond the output itself)."""
+    if x.device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    y = layer(x)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
+    del y
+    return held / 2**20
+
+
+def run_case(name, tokens, in_features, out_features, rank, mode, dropout, dtype, adapter_dtype, device):
+    torch.manual_seed(0)
+    layers = make_layers(in_features, out_features, rank, dropout, dtype, adapter_dtype, device)
+    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
+    grad_y = torch.randn(tokens, out_features, device=device, dtype=dtype)
+    row = {"case": name, "tokens": tokens, "in": in_features, "out": out_features, "r": rank, "mode": mode,
+           "dropout": dropout, "dtype": str(dtype), "adapter_dtype": str(adapter_dtype), "ms": {}, "held_mb": {}}
+    for impl, layer in layers.items():
+        layer.train()
+        if mode == "forward":
+            def fn(layer=layer):
+                with torch.no_grad():
+                    layer(x)
+        else:
+            x_grad = x.detach().clone().requires_grad_(True)
+            params = [p for p in layer.parameters() if p.requires_grad]
+
+            def fn(layer=layer, x_grad=x_grad, params=params):
+                layer(x_grad).backward(grad_y)
+                x_grad.grad = None
+                for p in params:
+                    p.grad = None
+
+            row["held_mb"][impl] = held_for_backward_mb(layer, x_grad)
+        row["ms"][impl] = median_ms(fn, device)
+    base_ms = row["ms"]["base"]
+    row["ratio"] = {impl: ms / base_ms for impl, ms in row["ms"].items()}
+    return row
+
+
+def run_merge_case(dtype, device, size=4096, rank=16):
+    torch.manual_seed(0)
+    layer = lora_ext.LoRALinear(size, size, r=rank, device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.01)
+    weight = layer.weight
+
+    def merge_unmerge():
+        layer.merge()
+        layer.unmerge()
+
+    clone_ms = median_ms(lambda: weight.clone(), device)
+    pair_ms = median_ms(merge_unmerge, device)
+    row = {"case": f"merge {size}x{size} r={rank}", "mode": "merge", "ms": {"W.clone()": clone_ms,
+                                                                          "lora_ext": pair_ms / 2}}
+    if peft is not None:
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"])
+        base = nn.Linear(size, size, device=device, dtype=dtype)
+        peft_layer = get_peft_model(_Wrapper(base), config).base_model.model.proj
+        with torch.no_grad():
+            peft_layer.lora_B["default"].weight.normal_(0, 0.01)
+
+        def peft_merge_unmerge():
+            peft_layer.merge()
+            peft_layer.unmerge()
+
+        row["ms"]["peft"] = median_ms(peft_merge_unmerge, device) / 2
+    row["ratio"] = {impl: ms / clone_ms for impl, ms in row["ms"].items()}
+    return row
+
+
+def cases(quick, on_gpu):
+    bf16 = torch.bfloat16 if on_gpu else torch.float32
+    tokens = 8192 if on_gpu else 512
+    width = 4096 if on_gpu else 1024
+    mlp = 11008 if on_gpu else 2752
+    table = [
+        ("forward", tokens, width, width, 16, "forward", 0.0, bf16, bf16),
+        ("fwd+bwd r=16", tokens, width, width, 16, "train", 0.0, bf16, bf16),
+        ("fwd+bwd r=64", tokens, width, width, 64, "train", 0.0, bf16, bf16),
+        ("fwd+bwd dropout 0.05", tokens, width, width, 16, "train", 0.05, bf16, bf16),
+        ("forward, 16 tokens", 16, width, width, 16, "forward", 0.0, bf16, bf16),
+        ("forward, 1 token", 1, width, width, 16, "forward", 0.0, bf16, bf16),
+        ("forward out=11008", tokens, width, mlp, 16, "forward", 0.0, bf16, bf16),
+        ("fwd+bwd out=11008", tokens, width, mlp, 16, "train", 0.0, bf16, bf16),
+        ("fwd+bwd fp32 adapters", tokens, width, width, 16, "train", 0.0, bf16, torch.float32),
+    ]
+    if not quick:
+        for t in (1, 16, 128, 1024, 4096, 16384):
+            table.append((f"sweep tokens={t}", t if on_gpu else max(1, t // 16), width, width, 16, "train", 0.0,
+                          bf16, bf16))
+        for r in (4, 8, 32, 128):
+            table.append((f"sweep r={r}", tokens, width, width, r, "train", 0.0, bf16, bf16))
+    return table
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in rows if r["case"].startswith("sweep tokens")]
+    if not sweep:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for impl in sweep[0]["ratio"]:
+        ax.plot([r["tokens"] for r in sweep], [r["ratio"][impl] for r in sweep], marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("time / frozen base layer (fwd+bwd)")
+    ax.set_title("LoRA overhead over the frozen base layer, in=out=4096, r=16")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the main table only, no sweeps")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--plot", default=None, help="draw overhead vs tokens here (PNG)")
+    args = parser.parse_args()
+
+    on_gpu = torch.cuda.is_available() and lora_ext.cuda_kernels_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    header = {
+        "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "peft": getattr(peft, "__version__", None),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(" | ".join(f"{k} {v}" for k, v in header.items()))
+    rows = []
+    for spec in cases(args.quick, on_gpu):
+        rows.append(run_case(*spec, device=device))
+        print_row(rows[-1])
+    rows.append(run_merge_case(torch.bfloat16 if on_gpu else torch.float32, device))
+    print_row(rows[-1])
+
+    print("\nSummary (time / frozen base layer; merge: time / W.clone())")
+    print(f"{'case':28s} {'lora_ext':>9s} {'peft':>9s} {'held MB ours/peft':>18s}")
+    for row in rows:
+        held = row.get("held_mb", {})
+        held_text = f"{held.get('lora_ext', float('nan')):.1f}/{held.get('peft', float('nan')):.1f}" if held else ""
+        print(f"{row['case']:28s} {row['ratio'].get('lora_ext', float('nan')):9.3f} "
+              f"{row['ratio'].get('peft', float('nan')):9.3f} {held_text:>18s}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def print_row(row):
+    times = "  ".join(f"{impl} {ms:.4f} ms ({row['ratio'][impl]:.2f}x)" for impl, ms in row["ms"].items())
+    print(f"{row['case']:28s} {times}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -111,7 +111,8 @@ def test_forward_wrong_dtype(device, x_dtype):
 def test_forward_wrong_device(layer_device, x_device):
     layer = _randomise_B(LoRALinear(16, 8, r=2, device=layer_device))
     with unchanged(*_layer_state(layer)):
-        with pytest.raises(ERRORS, match=r"(?i)device"):
+        # The message names the devices ("x is on cuda:0 but the weight is on cpu").
+        with pytest.raises(ERRORS, match=r"(?i)device|cuda|cpu"):
             layer(torch.randn(4, 16, device=x_device))
 
 
@@ -248,6 +249,14 @@ def test_lora_forward_integer_x_and_weight(device):
 def test_lora_forward_adapters_neither_x_dtype_nor_float32(device):
     t = _op_inputs(device, dtype=torch.bfloat16, adapter_dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"(?i)lora_A|lora_B|dtype"):
+        _call_forward(t)
+
+
+@requires_cuda
+def test_lora_forward_float64_on_cuda():
+    """float64 is a CPU-only dtype."""
+    t = _op_inputs("cuda", dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"(?i)dtype|float64|double|\bx\b"):
         _call_forward(t)
 
 

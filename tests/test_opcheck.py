@@ -28,6 +28,39 @@ def _forward_args(device, dtype, adapter_dtype, dropout_p, bias, requires_grad, 
     return (x, weight, bias_t, lora_A, lora_B, 1.5, dropout_p, seed)
 
 
+# The schemas as specified: argument names matter to callers that pass keywords.
+EXPECTED_SCHEMAS = {
+    "lora_forward": "lora_ext::lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, "
+    "Tensor lora_B, float scaling, float dropout_p, Tensor? dropout_seed) -> (Tensor y, Tensor lora_activation)",
+    "lora_backward": "lora_ext::lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, "
+    "Tensor lora_B, Tensor lora_activation, float scaling, float dropout_p, Tensor? dropout_seed, "
+    "bool compute_grad_x) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B)",
+    "merge_": "lora_ext::merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()",
+    "unmerge_": "lora_ext::unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()",
+    "dropout_keep_mask": "lora_ext::dropout_keep_mask(Tensor dropout_seed, int rows, int cols, "
+    "float dropout_p) -> Tensor",
+}
+
+
+@pytest.mark.parametrize("op_name", list(EXPECTED_SCHEMAS))
+def test_schema(op_name):
+    assert str(getattr(ops, op_name).default._schema) == EXPECTED_SCHEMAS[op_name]
+
+
+@pytest.mark.parametrize("op_name", list(EXPECTED_SCHEMAS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_registered_for_backend(op_name, device):
+    key = "CPU" if device == "cpu" else "CUDA"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_ext::{op_name}", key)
+
+
+def test_cuda_kernels_available_is_bool():
+    available = lora_ext.cuda_kernels_available()
+    assert isinstance(available, bool)
+    if available:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("lora_ext::lora_forward", "CUDA")
+
+
 DTYPE_PAIRS = [
     pytest.param(torch.float32, torch.float32, id="f32"),
     pytest.param(torch.bfloat16, torch.float32, id="bf16-adapters_f32"),

@@ -68,4 +68,14 @@ C10_HOST_DEVICE inline bool dropout_keep(uint64_t seed, uint64_t row, uint64_t c
   return word >= threshold;
 }
 
+// Keep bits of the four adjacent columns 4·column_group … 4·column_group + 3 of a row (bit e for
+// column 4·column_group + e): one Philox call, the same bits dropout_keep() gives one at a time.
+C10_HOST_DEVICE inline unsigned dropout_keep4(uint64_t seed, uint64_t row, uint64_t column_group, uint32_t threshold) {
+  const PhiloxWords words = philox4x32_10(static_cast<uint32_t>(column_group), static_cast<uint32_t>(column_group >> 32),
+                                          static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32),
+                                          static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return (words.w[0] >= threshold ? 1u : 0u) | (words.w[1] >= threshold ? 2u : 0u) |
+         (words.w[2] >= threshold ? 4u : 0u) | (words.w[3] >= threshold ? 8u : 0u);
+}
+
 }  // namespace lora_ext

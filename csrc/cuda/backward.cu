@@ -1,6 +1,6 @@
 // CUDA backward of the LoRA linear layer (W and b frozen: no dW). dy·W goes to cuBLAS through ATen;
-// the low-rank steps are lora_gemm_kernel (lora_gemm.cuh), regenerating the forward's dropout mask
-// from the same seed (dropout_mask.h).
+// the low-rank steps are our kernels (lora_steps.cuh), regenerating the forward's dropout mask from
+// the same seed (dropout_mask.h).
 //
 //   dxa = s·dy·B;  dB = s·dyᵀ·xa;  dA = dxaᵀ·dropout(x);  dx = dy·W (cuBLAS) + keep·dxa·A/(1−p).
 #include <ATen/ATen.h>
@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "lora_gemm_launch.cuh"
+#include "lora_steps.cuh"
 #include "nvtx_range.h"
 
 namespace lora_ext {
@@ -29,42 +29,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   const auto float_options = x.options().dtype(at::kFloat);
   at::Tensor grad_activation = at::empty({dims.tokens, dims.rank}, float_options);
   at::Tensor grad_B_float = at::empty({dims.out_features, dims.rank}, float_options);
-  // dA is computed transposed, (in, r), so that its K split (over tokens) writes contiguous partials.
+  // dA is computed transposed, (in, r): the token reduction writes one row per feature.
   at::Tensor grad_A_t_float = at::empty({dims.in_features, dims.rank}, float_options);
   at::Tensor grad_x = compute_grad_x ? at::matmul(grad_y, weight) : at::empty({0}, x.options());
+  const at::Tensor activation = lora_activation.contiguous();
+  const int64_t* seed = dropout_p > 0.0 ? dropout_seed->data_ptr<int64_t>() : nullptr;
+  const uint32_t threshold = dropout_threshold(dropout_p);
+  const double keep_scale = 1.0 / (1.0 - dropout_p);
 
   dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using act_t = decltype(act_tag);
     using adapter_t = decltype(adapter_tag);
-    // dxa[t, j] = s · Σ_o dy[t, o] · B[o, j]
-    const GemmParams grad_act = gemm_params(grad_y, grad_y.stride(0), grad_y.stride(1), lora_B, lora_B.stride(0),
-                                            lora_B.stride(1), dims.tokens, dims.rank, dims.out_features, scaling);
-    gemm_store_float<act_t, adapter_t, DropoutAt::kNone>(grad_act, grad_activation);
-    // dB[o, j] = s · Σ_t dy[t, o] · xa[t, j]
-    const GemmParams grad_b =
-        gemm_params(grad_y, grad_y.stride(1), grad_y.stride(0), lora_activation, lora_activation.stride(0),
-                    lora_activation.stride(1), dims.out_features, dims.rank, dims.tokens, scaling);
-    gemm_store_float<act_t, float, DropoutAt::kNone>(grad_b, grad_B_float);
-    // dAᵀ[k, j] = Σ_t dropout(x)[t, k] · dxa[t, j]
-    GemmParams grad_a = gemm_params(x, x.stride(1), x.stride(0), grad_activation, grad_activation.stride(0),
-                                    grad_activation.stride(1), dims.in_features, dims.rank, dims.tokens,
-                                    1.0 / (1.0 - dropout_p));
-    if (dropout_p > 0.0) {
-      set_dropout(grad_a, *dropout_seed, dropout_p);
-      gemm_store_float<act_t, float, DropoutAt::kOperandATransposed>(grad_a, grad_A_t_float);
-    } else {
-      gemm_store_float<act_t, float, DropoutAt::kNone>(grad_a, grad_A_t_float);
+    if (dims.tokens > 0) {
+      // dxa[t, j] = s · Σ_o dy[t, o] · B[o, j]
+      shrink<act_t, adapter_t>(grad_activation, grad_y, lora_B.t(), scaling, nullptr, 0);
     }
-    if (compute_grad_x) {
+    // dB[o, j] = s · Σ_t dy[t, o] · xa[t, j]
+    token_reduce<act_t, false>(grad_B_float, grad_y, activation, scaling);
+    // dAᵀ[k, j] = Σ_t dropout(x)[t, k] · dxa[t, j]
+    if (seed != nullptr) {
+      token_reduce<act_t, true>(grad_A_t_float, x, grad_activation, keep_scale, seed, threshold);
+    } else {
+      token_reduce<act_t, false>(grad_A_t_float, x, grad_activation, keep_scale);
+    }
+    if (compute_grad_x && dims.tokens > 0) {
       // dx[t, k] += keep[t, k]/(1−p) · Σ_j dxa[t, j] · A[j, k]
-      GemmParams grad_x_lora = gemm_params(grad_activation, grad_activation.stride(0), grad_activation.stride(1),
-                                           lora_A, lora_A.stride(0), lora_A.stride(1), dims.tokens, dims.in_features,
-                                           dims.rank, 1.0 / (1.0 - dropout_p));
-      if (dropout_p > 0.0) {
-        set_dropout(grad_x_lora, *dropout_seed, dropout_p);
-        gemm_accumulate<float, adapter_t, act_t, DropoutAt::kOutput>(grad_x_lora, grad_x);
+      if (seed != nullptr) {
+        expand_add<float, adapter_t, act_t, true>(grad_x, grad_activation, lora_A.t(), keep_scale, seed, threshold);
       } else {
-        gemm_accumulate<float, adapter_t, act_t, DropoutAt::kNone>(grad_x_lora, grad_x);
+        expand_add<float, adapter_t, act_t, false>(grad_x, grad_activation, lora_A.t(), keep_scale);
       }
     }
   });

@@ -1,6 +1,6 @@
 // CUDA forward of the LoRA linear layer. The frozen base product x·Wᵀ + b goes to cuBLAS through ATen;
-// the low-rank steps are lora_gemm_kernel (lora_gemm.cuh), with the dropout mask drawn inside the
-// kernel from the seed (dropout_mask.h), never stored.
+// the low-rank steps are our kernels (lora_steps.cuh), with the dropout mask drawn inside them from
+// the seed (dropout_mask.h), never stored.
 //
 //   y = x·Wᵀ + b (cuBLAS);  xa = dropout(x)·Aᵀ (float32, saved for backward);  y += s·xa·Bᵀ (in place).
 #include <ATen/ATen.h>
@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "lora_gemm_launch.cuh"
+#include "lora_steps.cuh"
 #include "nvtx_range.h"
 
 namespace lora_ext {
@@ -28,24 +28,15 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
   at::Tensor y = at::linear(x, weight, bias);
   at::Tensor lora_activation = at::empty({dims.tokens, dims.rank}, x.options().dtype(at::kFloat));
   if (dims.tokens == 0) return {y, lora_activation};
+  const int64_t* seed = dropout_p > 0.0 ? dropout_seed->data_ptr<int64_t>() : nullptr;
 
   dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using act_t = decltype(act_tag);
     using adapter_t = decltype(adapter_tag);
     // xa[t, j] = Σ_k dropout(x)[t, k] · A[j, k]
-    GemmParams shrink = gemm_params(x, x.stride(0), x.stride(1), lora_A, lora_A.stride(1), lora_A.stride(0),
-                                    dims.tokens, dims.rank, dims.in_features, 1.0 / (1.0 - dropout_p));
-    if (dropout_p > 0.0) {
-      set_dropout(shrink, *dropout_seed, dropout_p);
-      gemm_store_float<act_t, adapter_t, DropoutAt::kOperandA>(shrink, lora_activation);
-    } else {
-      gemm_store_float<act_t, adapter_t, DropoutAt::kNone>(shrink, lora_activation);
-    }
+    shrink<act_t, adapter_t>(lora_activation, x, lora_A, 1.0 / (1.0 - dropout_p), seed, dropout_threshold(dropout_p));
     // y[t, o] += s · Σ_j xa[t, j] · B[o, j]
-    const GemmParams expand =
-        gemm_params(lora_activation, lora_activation.stride(0), lora_activation.stride(1), lora_B, lora_B.stride(1),
-                    lora_B.stride(0), dims.tokens, dims.out_features, dims.rank, scaling);
-    gemm_accumulate<float, adapter_t, act_t, DropoutAt::kNone>(expand, y);
+    expand_add<float, adapter_t, act_t, false>(y, lora_activation, lora_B, scaling);
   });
   return {y, lora_activation};
 }

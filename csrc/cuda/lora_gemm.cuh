@@ -1,14 +1,11 @@
-// One strided, tiled matrix product that serves every low-rank step of LoRA:
+// The general shrink: a strided, tiled matrix product into float32,
 //
-//   C[m, n] (+)= alpha · Σ_k keepA · A[m, k] · B[k, n]      (then · keepC on the result)
+//   C[m, n] = alpha · Σ_k keep(m, k) · A[m, k] · B[k, n]
 //
 // with each operand addressed through two element strides, so transposes, non-contiguous and
-// offset views cost nothing and no operand is ever copied. The steps it serves:
-//   shrink      x·Aᵀ        (tokens × r,   K = in)      dropout on A (x)
-//   expand-add  y += s·xa·Bᵀ (tokens × out, K = r)      in place into the cuBLAS output
-//   dB, dA      dyᵀ·xa, xᵀ·dxa (K = tokens, split over K into float32 partials)
-//   dx-add      dx += keep·dxa·A                        dropout on the output
-//   merge       W ±= s·B·A  (out × in, K = r)            rounded once into W
+// offset views cost nothing and no operand is ever copied. It computes x·Aᵀ and dy·B whenever the
+// tensor-core shrink (lora_shrink.cuh) cannot: float32 activations, float32 adapters, unaligned rows,
+// r > 64, decoding-sized inputs, and the last tokens % 16 rows.
 //
 // Grid: x over M tiles, y over N tiles, z over K splits. Block: 256 threads, a BM × BN tile of C, each
 // thread TM × TN outputs strided by BM/TM and BN/TN (so stores and shared-memory reads are
@@ -29,9 +26,7 @@ namespace cuda {
 
 enum class DropoutAt {
   kNone,
-  kOperandA,            // A[m, k] is x[row = m, col = k]
-  kOperandATransposed,  // A[m, k] is x[row = k, col = m]
-  kOutput,              // C[m, n] is x-shaped: [row = m, col = n]
+  kOperandA,  // A[m, k] is x[row = m + dropout_row_offset, col = k]
 };
 
 struct GemmParams {
@@ -47,6 +42,7 @@ struct GemmParams {
   float alpha;
   const int64_t* dropout_seed;  // device pointer, read at run time (CUDA-graph safe)
   uint32_t dropout_threshold;
+  int64_t dropout_row_offset;  // the row of x that row 0 of A is (A may be a tail of x)
 };
 
 template <typename T>
@@ -54,7 +50,7 @@ __device__ __forceinline__ float load_as_float(const void* base, int64_t offset)
   return static_cast<float>(static_cast<const T*>(base)[offset]);
 }
 
-template <int BM, int BN, int TM, int TN, typename TA, typename TB, typename TC, DropoutAt DROPOUT, bool ACCUMULATE>
+template <int BM, int BN, int TM, int TN, typename TA, typename TB, typename TC, DropoutAt DROPOUT>
 __global__ void __launch_bounds__(256) lora_gemm_kernel(const GemmParams p) {
   constexpr int kThreads = 256;
   constexpr int BK = 16;
@@ -94,9 +90,7 @@ __global__ void __launch_bounds__(256) lora_gemm_kernel(const GemmParams p) {
       if (row < p.m && kk < k_end) {
         value = load_as_float<TA>(p.a, row * p.a_stride_m + kk * p.a_stride_k);
         if constexpr (DROPOUT == DropoutAt::kOperandA) {
-          if (!dropout_keep(seed, row, kk, p.dropout_threshold)) value = 0.f;
-        } else if constexpr (DROPOUT == DropoutAt::kOperandATransposed) {
-          if (!dropout_keep(seed, kk, row, p.dropout_threshold)) value = 0.f;
+          if (!dropout_keep(seed, row + p.dropout_row_offset, kk, p.dropout_threshold)) value = 0.f;
         }
       }
       a_tile[tile_k][tile_m] = value;
@@ -133,16 +127,9 @@ __global__ void __launch_bounds__(256) lora_gemm_kernel(const GemmParams p) {
     for (int j = 0; j < TN; ++j) {
       const int64_t col = n0 + thread_n + j * kThreadsN;
       if (col >= p.n) continue;
-      float value = p.alpha * acc[i][j];
-      if constexpr (DROPOUT == DropoutAt::kOutput) {
-        if (!dropout_keep(seed, row, col, p.dropout_threshold)) value = 0.f;
-      }
+      const float value = p.alpha * acc[i][j];
       TC* out = c + row * p.c_stride_m + col * p.c_stride_n;
-      if constexpr (ACCUMULATE) {
-        *out = static_cast<TC>(static_cast<float>(*out) + value);
-      } else {
-        *out = static_cast<TC>(value);
-      }
+      *out = static_cast<TC>(value);
     }
   }
 }

@@ -34,19 +34,20 @@ inline GemmParams gemm_params(const at::Tensor& a, int64_t a_stride_m, int64_t a
   return p;
 }
 
-inline void set_dropout(GemmParams& p, const at::Tensor& dropout_seed, double dropout_p) {
-  p.dropout_seed = dropout_seed.data_ptr<int64_t>();
-  p.dropout_threshold = dropout_threshold(dropout_p);
+inline void set_dropout(GemmParams& p, const int64_t* dropout_seed, uint32_t threshold, int64_t row_offset) {
+  p.dropout_seed = dropout_seed;
+  p.dropout_threshold = threshold;
+  p.dropout_row_offset = row_offset;
 }
 
-template <int BM, int BN, int TM, int TN, typename TA, typename TB, typename TC, DropoutAt DROPOUT, bool ACCUMULATE>
+template <int BM, int BN, int TM, int TN, typename TA, typename TB, typename TC, DropoutAt DROPOUT>
 void launch_tile(const GemmParams& p, int64_t splits) {
   const int64_t tiles_m = ceil_div(p.m, BM), tiles_n = ceil_div(p.n, BN);
   TORCH_CHECK(tiles_n <= 65535 && splits <= 65535, "lora_ext: matrix too wide for the launch grid (", p.n,
               " columns)");
   TORCH_CHECK(tiles_m <= std::numeric_limits<int32_t>::max(), "lora_ext: too many rows (", p.m, ")");
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n), static_cast<unsigned>(splits));
-  lora_gemm_kernel<BM, BN, TM, TN, TA, TB, TC, DROPOUT, ACCUMULATE>
+  lora_gemm_kernel<BM, BN, TM, TN, TA, TB, TC, DROPOUT>
       <<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -70,7 +71,7 @@ void gemm_store_float_tiled(GemmParams p, at::Tensor& out) {
     p.c_stride_m = p.n;
     p.c_stride_n = 1;
     p.c_stride_split = 0;
-    launch_tile<BM, BN, TM, TN, TA, TB, float, DROPOUT, false>(p, 1);
+    launch_tile<BM, BN, TM, TN, TA, TB, float, DROPOUT>(p, 1);
     return;
   }
   at::Tensor partials = at::empty({splits, p.m, p.n}, out.options());
@@ -78,7 +79,7 @@ void gemm_store_float_tiled(GemmParams p, at::Tensor& out) {
   p.c_stride_m = p.n;
   p.c_stride_n = 1;
   p.c_stride_split = p.m * p.n;
-  launch_tile<BM, BN, TM, TN, TA, TB, float, DROPOUT, false>(p, splits);
+  launch_tile<BM, BN, TM, TN, TA, TB, float, DROPOUT>(p, splits);
   at::sum_out(out, partials, {0});
 }
 
@@ -97,17 +98,6 @@ void gemm_store_float(const GemmParams& p, at::Tensor& out) {
   } else {
     gemm_store_float_tiled<64, 64, 4, 4, TA, TB, DROPOUT>(p, out);
   }
-}
-
-// c[m, n] += alpha · A·B (· keep), for a C of any strides; K (the rank) is small, so no split.
-template <typename TA, typename TB, typename TC, DropoutAt DROPOUT>
-void gemm_accumulate(GemmParams p, const at::Tensor& c) {
-  if (p.m == 0 || p.n == 0 || p.k == 0) return;
-  p.c = c.data_ptr();
-  p.c_stride_m = c.stride(0);
-  p.c_stride_n = c.stride(1);
-  p.c_stride_split = 0;
-  launch_tile<64, 64, 4, 4, TA, TB, TC, DROPOUT, true>(p, 1);
 }
 
 // Calls fn(activation_tag, adapter_tag) with value-initialised tags of the C++ types for the

@@ -1,13 +1,13 @@
 // CUDA merge and unmerge, W ±= s·B·A in place, and the dropout keep mask as a tensor.
-// Merge is one lora_gemm_kernel pass over W (out × in, K = r): each element of W is read once,
-// the rank-r sum is accumulated in float32, and the result rounded once into W's dtype.
+// Merge is one expand-add pass over W (out × in, rank r; lora_expand.cuh): each element of W is read
+// and written once, the rank-r sum is accumulated in float32, and the result rounded once into W.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "lora_gemm_launch.cuh"
+#include "lora_steps.cuh"
 #include "nvtx_range.h"
 
 namespace lora_ext {
@@ -19,14 +19,11 @@ void merge_impl(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& 
   check_merge_inputs(weight, lora_A, lora_B, op);
   const c10::cuda::CUDAGuard device_guard(weight.device());
   const NvtxRange range(op);
-  const int64_t out_features = weight.size(0), in_features = weight.size(1), rank = lora_A.size(0);
   dispatch_activation_and_adapter(weight.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using act_t = decltype(act_tag);
     using adapter_t = decltype(adapter_tag);
     // W[o, k] += s · Σ_j B[o, j] · A[j, k]
-    const GemmParams delta = gemm_params(lora_B, lora_B.stride(0), lora_B.stride(1), lora_A, lora_A.stride(0),
-                                         lora_A.stride(1), out_features, in_features, rank, scaling);
-    gemm_accumulate<adapter_t, adapter_t, act_t, DropoutAt::kNone>(delta, weight);
+    expand_add<adapter_t, adapter_t, act_t, false>(weight, lora_B, lora_A.t(), scaling);
   });
 }
 

@@ -5,8 +5,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
-#include <sstream>
 #include <string>
+
+#include "error_message.h"
 
 namespace lora_ext {
 
@@ -17,11 +18,7 @@ struct LoraDims {
   int64_t rank;
 };
 
-inline std::string shape_string(const at::Tensor& t) {
-  std::ostringstream out;
-  out << t.sizes();
-  return out.str();
-}
+inline std::string shape_string(const at::Tensor& t) { return concat(t.sizes()); }
 
 // float64 inputs accumulate in float64; everything else in float32.
 inline at::ScalarType accumulate_type(at::ScalarType activation) {
@@ -30,29 +27,29 @@ inline at::ScalarType accumulate_type(at::ScalarType activation) {
 
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& reference, const char* op,
                               const char* reference_name = "x") {
-  TORCH_CHECK(t.device() == reference.device(), op, ": ", name, " is on ", t.device(), " but ", reference_name,
+  LORA_CHECK(t.device() == reference.device(), op, ": ", name, " is on ", t.device(), " but ", reference_name,
               " is on ", reference.device(), "; move all inputs to one device");
 }
 
 inline void check_activation_dtype(const at::Tensor& x, const char* op) {
   const auto dtype = x.scalar_type();
   if (x.is_cuda()) {
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+    LORA_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
                 ": on CUDA, x must be float32, float16 or bfloat16, got ", dtype);
   } else {
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+    LORA_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
                 ": on CPU, x must be float32, float64, bfloat16 or float16, got ", dtype);
   }
 }
 
 inline void check_dropout(double dropout_p, const c10::optional<at::Tensor>& dropout_seed, const at::Tensor& x,
                           const char* op) {
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  LORA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
   if (dropout_p > 0.0) {
-    TORCH_CHECK(dropout_seed.has_value() && dropout_seed->defined(), op,
+    LORA_CHECK(dropout_seed.has_value() && dropout_seed->defined(), op,
                 ": dropout_p > 0 needs a dropout_seed (an int64 tensor of shape (1,)); "
                 "lora_ext.ops.new_dropout_seed(device) draws one from torch's generator");
-    TORCH_CHECK(dropout_seed->scalar_type() == at::kLong && dropout_seed->numel() == 1, op,
+    LORA_CHECK(dropout_seed->scalar_type() == at::kLong && dropout_seed->numel() == 1, op,
                 ": dropout_seed must be an int64 tensor with one element, got ", dropout_seed->scalar_type(),
                 " of shape ", shape_string(*dropout_seed));
     check_same_device(*dropout_seed, "dropout_seed", x, op);
@@ -62,40 +59,40 @@ inline void check_dropout(double dropout_p, const c10::optional<at::Tensor>& dro
 // x (tokens, in), weight (out, in), bias (out) or None, lora_A (r, in), lora_B (out, r).
 inline LoraDims check_lora_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                   const at::Tensor& lora_A, const at::Tensor& lora_B, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (tokens, in_features), got shape ", shape_string(x),
+  LORA_CHECK(x.dim() == 2, op, ": x must be 2-D (tokens, in_features), got shape ", shape_string(x),
               " (lora_ext.ops.lora_linear flattens leading dimensions for you)");
-  TORCH_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ", x.scalar_type());
+  LORA_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ", x.scalar_type());
   check_activation_dtype(x, op);
   const int64_t tokens = x.size(0), in_features = x.size(1);
-  TORCH_CHECK(in_features >= 1, op, ": x must have at least one feature, got shape ", shape_string(x));
+  LORA_CHECK(in_features >= 1, op, ": x must have at least one feature, got shape ", shape_string(x));
 
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in_features, op,
+  LORA_CHECK(weight.dim() == 2 && weight.size(1) == in_features, op,
               ": weight must have shape (out_features, in_features) with in_features = x.size(-1) = ", in_features,
               ", got ", shape_string(weight));
   const int64_t out_features = weight.size(0);
-  TORCH_CHECK(out_features >= 1, op, ": weight must have at least one row, got shape ", shape_string(weight));
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
+  LORA_CHECK(out_features >= 1, op, ": weight must have at least one row, got shape ", shape_string(weight));
+  LORA_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
               " does not match x dtype ", x.scalar_type());
   check_same_device(weight, "weight", x, op);
 
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must have shape (out_features,) = (",
+    LORA_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must have shape (out_features,) = (",
                 out_features, ",), got ", shape_string(*bias));
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
+    LORA_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
                 " does not match x dtype ", x.scalar_type());
     check_same_device(*bias, "bias", x, op);
   }
 
-  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(0) >= 1 && lora_A.size(1) == in_features, op,
+  LORA_CHECK(lora_A.dim() == 2 && lora_A.size(0) >= 1 && lora_A.size(1) == in_features, op,
               ": lora_A must have shape (r, in_features) = (r, ", in_features, ") with r >= 1, got ",
               shape_string(lora_A));
   const int64_t rank = lora_A.size(0);
-  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out_features && lora_B.size(1) == rank, op,
+  LORA_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out_features && lora_B.size(1) == rank, op,
               ": lora_B must have shape (out_features, r) = (", out_features, ", ", rank, "), got ",
               shape_string(lora_B));
-  TORCH_CHECK(lora_A.scalar_type() == lora_B.scalar_type(), op, ": lora_A dtype ", lora_A.scalar_type(),
+  LORA_CHECK(lora_A.scalar_type() == lora_B.scalar_type(), op, ": lora_A dtype ", lora_A.scalar_type(),
               " and lora_B dtype ", lora_B.scalar_type(), " differ");
-  TORCH_CHECK(lora_A.scalar_type() == x.scalar_type() || lora_A.scalar_type() == at::kFloat, op,
+  LORA_CHECK(lora_A.scalar_type() == x.scalar_type() || lora_A.scalar_type() == at::kFloat, op,
               ": adapter dtype ", lora_A.scalar_type(), " must be x's dtype (", x.scalar_type(), ") or float32");
   check_same_device(lora_A, "lora_A", x, op);
   check_same_device(lora_B, "lora_B", x, op);
@@ -104,17 +101,17 @@ inline LoraDims check_lora_inputs(const at::Tensor& x, const at::Tensor& weight,
 
 inline void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& lora_activation, const LoraDims& dims,
                                   const at::Tensor& x, const char* op) {
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == dims.tokens && grad_y.size(1) == dims.out_features, op,
+  LORA_CHECK(grad_y.dim() == 2 && grad_y.size(0) == dims.tokens && grad_y.size(1) == dims.out_features, op,
               ": grad_y must have shape (tokens, out_features) = (", dims.tokens, ", ", dims.out_features,
               "), got ", shape_string(grad_y));
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y dtype ", grad_y.scalar_type(),
+  LORA_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y dtype ", grad_y.scalar_type(),
               " does not match x dtype ", x.scalar_type());
   check_same_device(grad_y, "grad_y", x, op);
-  TORCH_CHECK(lora_activation.dim() == 2 && lora_activation.size(0) == dims.tokens &&
+  LORA_CHECK(lora_activation.dim() == 2 && lora_activation.size(0) == dims.tokens &&
                   lora_activation.size(1) == dims.rank,
               op, ": lora_activation (the forward's x·Aᵀ) must have shape (tokens, r) = (", dims.tokens, ", ",
               dims.rank, "), got ", shape_string(lora_activation));
-  TORCH_CHECK(lora_activation.scalar_type() == accumulate_type(x.scalar_type()), op,
+  LORA_CHECK(lora_activation.scalar_type() == accumulate_type(x.scalar_type()), op,
               ": lora_activation must be ", accumulate_type(x.scalar_type()), ", got ",
               lora_activation.scalar_type());
   check_same_device(lora_activation, "lora_activation", x, op);
@@ -123,19 +120,19 @@ inline void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& lo
 // weight (out, in) updated in place by ±scaling·B·A.
 inline void check_merge_inputs(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                                const char* op) {
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ", shape_string(weight));
-  TORCH_CHECK(weight.is_floating_point(), op, ": weight must be floating point, got ", weight.scalar_type());
+  LORA_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ", shape_string(weight));
+  LORA_CHECK(weight.is_floating_point(), op, ": weight must be floating point, got ", weight.scalar_type());
   check_activation_dtype(weight, op);
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
-  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(0) >= 1 && lora_A.size(1) == in_features, op,
+  LORA_CHECK(lora_A.dim() == 2 && lora_A.size(0) >= 1 && lora_A.size(1) == in_features, op,
               ": lora_A must have shape (r, in_features) = (r, ", in_features, ") with r >= 1, got ",
               shape_string(lora_A));
-  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out_features && lora_B.size(1) == lora_A.size(0), op,
+  LORA_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out_features && lora_B.size(1) == lora_A.size(0), op,
               ": lora_B must have shape (out_features, r) = (", out_features, ", ", lora_A.size(0), "), got ",
               shape_string(lora_B));
-  TORCH_CHECK(lora_A.scalar_type() == lora_B.scalar_type(), op, ": lora_A dtype ", lora_A.scalar_type(),
+  LORA_CHECK(lora_A.scalar_type() == lora_B.scalar_type(), op, ": lora_A dtype ", lora_A.scalar_type(),
               " and lora_B dtype ", lora_B.scalar_type(), " differ");
-  TORCH_CHECK(lora_A.scalar_type() == weight.scalar_type() || lora_A.scalar_type() == at::kFloat, op,
+  LORA_CHECK(lora_A.scalar_type() == weight.scalar_type() || lora_A.scalar_type() == at::kFloat, op,
               ": adapter dtype ", lora_A.scalar_type(), " must be weight's dtype (", weight.scalar_type(),
               ") or float32");
   check_same_device(lora_A, "lora_A", weight, op, "weight");

@@ -45,19 +45,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
       shrink<act_t, adapter_t>(grad_activation, grad_y, lora_B.t(), scaling, nullptr, 0);
     }
     // dB[o, j] = s · Σ_t dy[t, o] · xa[t, j]
-    token_reduce<act_t, false>(grad_B_float, grad_y, activation, scaling);
+    token_reduce_step<act_t, false>(grad_B_float, grad_y, activation, scaling);
     // dAᵀ[k, j] = Σ_t dropout(x)[t, k] · dxa[t, j]
     if (seed != nullptr) {
-      token_reduce<act_t, true>(grad_A_t_float, x, grad_activation, keep_scale, seed, threshold);
+      token_reduce_step<act_t, true>(grad_A_t_float, x, grad_activation, keep_scale, seed, threshold);
     } else {
-      token_reduce<act_t, false>(grad_A_t_float, x, grad_activation, keep_scale);
+      token_reduce_step<act_t, false>(grad_A_t_float, x, grad_activation, keep_scale);
     }
     if (compute_grad_x && dims.tokens > 0) {
       // dx[t, k] += keep[t, k]/(1−p) · Σ_j dxa[t, j] · A[j, k]
       if (seed != nullptr) {
-        expand_add<float, adapter_t, act_t, true>(grad_x, grad_activation, lora_A.t(), keep_scale, seed, threshold);
+        expand_add_step<float, adapter_t, act_t, true>(grad_x, grad_activation, lora_A.t(), keep_scale, seed, threshold);
       } else {
-        expand_add<float, adapter_t, act_t, false>(grad_x, grad_activation, lora_A.t(), keep_scale);
+        expand_add_step<float, adapter_t, act_t, false>(grad_x, grad_activation, lora_A.t(), keep_scale);
       }
     }
   });

@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
     // xa[t, j] = Σ_k dropout(x)[t, k] · A[j, k]
     shrink<act_t, adapter_t>(lora_activation, x, lora_A, 1.0 / (1.0 - dropout_p), seed, dropout_threshold(dropout_p));
     // y[t, o] += s · Σ_j xa[t, j] · B[o, j]
-    expand_add<float, adapter_t, act_t, false>(y, lora_activation, lora_B, scaling);
+    expand_add_step<float, adapter_t, act_t, false>(y, lora_activation, lora_B, scaling);
   });
   return {y, lora_activation};
 }

@@ -11,6 +11,7 @@
 // float32, 16 ranks at a time. FLOPs: 2·M·N·r in float32 FMAs (r = 16 at 8192 × 4096: 1.1 GFLOP).
 #pragma once
 
+#include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -168,8 +169,8 @@ void expand_add(const at::Tensor& c, const at::Tensor& left, const at::Tensor& r
   p.dropout_threshold = dropout_threshold;
   if (p.m == 0 || p.n == 0) return;
   const int64_t tiles_m = (p.m + kTileM - 1) / kTileM, tiles_n = (p.n + kTileN - 1) / kTileN;
-  TORCH_CHECK(tiles_n <= 65535, "lora_ext: output too wide for the launch grid (", p.n, " columns)");
-  TORCH_CHECK(tiles_m <= std::numeric_limits<int32_t>::max(), "lora_ext: too many rows (", p.m, ")");
+  LORA_CHECK(tiles_n <= 65535, "lora_ext: output too wide for the launch grid (", p.n, " columns)");
+  LORA_CHECK(tiles_m <= std::numeric_limits<int32_t>::max(), "lora_ext: too many rows (", p.m, ")");
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n));
   lora_expand_add_kernel<TL, TR, TC, DROPOUT><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

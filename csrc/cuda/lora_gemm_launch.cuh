@@ -3,6 +3,7 @@
 // and sum the float32 partials in a fixed order, so results are bit-for-bit repeatable.
 #pragma once
 
+#include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -43,9 +44,9 @@ inline void set_dropout(GemmParams& p, const int64_t* dropout_seed, uint32_t thr
 template <int BM, int BN, int TM, int TN, typename TA, typename TB, typename TC, DropoutAt DROPOUT>
 void launch_tile(const GemmParams& p, int64_t splits) {
   const int64_t tiles_m = ceil_div(p.m, BM), tiles_n = ceil_div(p.n, BN);
-  TORCH_CHECK(tiles_n <= 65535 && splits <= 65535, "lora_ext: matrix too wide for the launch grid (", p.n,
+  LORA_CHECK(tiles_n <= 65535 && splits <= 65535, "lora_ext: matrix too wide for the launch grid (", p.n,
               " columns)");
-  TORCH_CHECK(tiles_m <= std::numeric_limits<int32_t>::max(), "lora_ext: too many rows (", p.m, ")");
+  LORA_CHECK(tiles_m <= std::numeric_limits<int32_t>::max(), "lora_ext: too many rows (", p.m, ")");
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n), static_cast<unsigned>(splits));
   lora_gemm_kernel<BM, BN, TM, TN, TA, TB, TC, DROPOUT>
       <<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(p);
@@ -116,7 +117,7 @@ void dispatch_activation_and_adapter(at::ScalarType activation, at::ScalarType a
       if (float_adapter) fn(at::BFloat16{}, float{}); else fn(at::BFloat16{}, at::BFloat16{});
       return;
     default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", activation, " on CUDA");
+      LORA_CHECK(false, op, ": unsupported dtype ", activation, " on CUDA");
   }
 }
 

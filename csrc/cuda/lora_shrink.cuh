@@ -1,4 +1,5 @@
-// shrink on tensor cores: out[t, j] = alpha · Σ_k keep(t, k) · X[t, k] · W[j, k]   (16-bit X and W)
+// shrink on tensor cores: out[t, j] = alpha · Σ_k keep(t, k) · X[t, k] · W[j, k]   (16-bit X; W 16-bit or
+// float32, rounded to X's type as it is staged)
 //
 // The pass over a (tokens × K) activation that yields its rank-r projection, in float32:
 //   forward   xa  = dropout(x)·Aᵀ   (X = x, W = A, dropout on X)
@@ -11,14 +12,13 @@
 // kernel otherwise, and for the last tokens % 16 rows.
 #pragma once
 
+#include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <mma.h>
 
-#include "../dropout_mask.h"
+#include "wmma_tiles.cuh"
 
 namespace lora_ext {
 namespace cuda {
@@ -40,23 +40,9 @@ constexpr int kWarps = 4;
 constexpr int kTileK = 64;
 constexpr int kPitch = kTileK + 8;  // shared-memory row pitch in elements: 144 bytes, keeps fragments 32-byte aligned
 
-template <typename T>
-struct WmmaType;
-template <>
-struct WmmaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct WmmaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-struct alignas(16) Vec16B {
-  uint4 bits;
-};
 }  // namespace shrink_detail
 
-template <typename T, int RPAD, bool DROPOUT, bool W_K_CONTIGUOUS>
+template <typename T, typename TW, int RPAD, bool DROPOUT, bool W_K_CONTIGUOUS>
 __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParams p) {
   using namespace shrink_detail;
   using namespace nvcuda;
@@ -78,7 +64,7 @@ __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParam
   for (int f = 0; f < RPAD / 16; ++f) wmma::fill_fragment(acc[f], 0.f);
 
   const T* x = static_cast<const T*>(p.x);
-  const T* w = static_cast<const T*>(p.w);
+  const TW* w = static_cast<const TW*>(p.w);
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     const int64_t k0 = chunk * kTileK;
     // X: 16 rows × 8 vectors of 8 elements; out-of-range columns (K tail) read as zero.
@@ -89,15 +75,7 @@ __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParam
       uint4 bits = make_uint4(0, 0, 0, 0);
       if (col < p.k) {
         bits = *reinterpret_cast<const uint4*>(x + row * p.x_stride_t + col);
-        if constexpr (DROPOUT) {
-          const unsigned keep = dropout_keep4(seed, row, col >> 2, p.dropout_threshold) |
-                                (dropout_keep4(seed, row, (col >> 2) + 1, p.dropout_threshold) << 4);
-          T* e = reinterpret_cast<T*>(&bits);
-#pragma unroll
-          for (int q = 0; q < 8; ++q) {
-            if (!((keep >> q) & 1u)) e[q] = T(0.f);
-          }
-        }
+        if constexpr (DROPOUT) bits = apply_dropout8<T>(bits, seed, row, col, p.dropout_threshold);
       }
       *reinterpret_cast<uint4*>(&x_tile[warp][r][c]) = bits;
     }
@@ -108,7 +86,7 @@ __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParam
         const int v = lane + 32 * i, j = v / 8, c = (v % 8) * 8;
         const int64_t col = k0 + c;
         uint4 bits = make_uint4(0, 0, 0, 0);
-        if (j < p.rank && col < p.k) bits = *reinterpret_cast<const uint4*>(w + j * p.w_stride_j + col);
+        if (j < p.rank && col < p.k) bits = load8_as<T>(w + j * p.w_stride_j + col);
         *reinterpret_cast<uint4*>(&w_tile[warp][j][c]) = bits;
       }
     } else {
@@ -118,10 +96,11 @@ __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParam
         const int v = lane + 32 * i, c = v / (RPAD / 8), j = (v % (RPAD / 8)) * 8;
         const int64_t col = k0 + c;
         uint4 bits = make_uint4(0, 0, 0, 0);
-        if (j < p.rank && col < p.k) bits = *reinterpret_cast<const uint4*>(w + col * p.w_stride_k + j);
-        const T* e = reinterpret_cast<const T*>(&bits);
+        if (j < p.rank && col < p.k) bits = load8_as<T>(w + col * p.w_stride_k + j);
+        Pack8<T> pack;
+        pack.bits = bits;
 #pragma unroll
-        for (int q = 0; q < 8; ++q) w_tile[warp][j + q][c] = e[q];
+        for (int q = 0; q < 8; ++q) w_tile[warp][j + q][c] = pack.v[q];
       }
     }
     __syncwarp();
@@ -161,10 +140,11 @@ __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParam
 // Whether the tensor-core shrink can take these operands (else the general kernel runs).
 inline bool shrink_wmma_supported(const at::Tensor& x, const at::Tensor& w_rk_view, int64_t rank) {
   const auto dtype = x.scalar_type();
-  if (!(dtype == at::kHalf || dtype == at::kBFloat16) || w_rk_view.scalar_type() != dtype) return false;
+  if (!(dtype == at::kHalf || dtype == at::kBFloat16)) return false;
+  if (w_rk_view.scalar_type() != dtype && w_rk_view.scalar_type() != at::kFloat) return false;
   if (rank > 64 || x.size(1) % 8 != 0 || x.size(0) < 16) return false;
   if (x.stride(1) != 1 || x.stride(0) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
-  if (reinterpret_cast<uintptr_t>(w_rk_view.data_ptr()) % 16 != 0) return false;
+  if (!aligned16(w_rk_view.data_ptr())) return false;
   const int64_t stride_j = w_rk_view.stride(0), stride_k = w_rk_view.stride(1);
   if (stride_k == 1) return rank == 1 || stride_j % 8 == 0;
   if (stride_j == 1) return rank % 8 == 0 && stride_k % 8 == 0;
@@ -172,7 +152,7 @@ inline bool shrink_wmma_supported(const at::Tensor& x, const at::Tensor& w_rk_vi
 }
 
 // out[:full_rows] for the first tokens − tokens % 16 rows; the caller handles the rest.
-template <typename T, bool DROPOUT>
+template <typename T, typename TW, bool DROPOUT>
 void launch_shrink_wmma(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk_view, double alpha,
                         const int64_t* dropout_seed, uint32_t dropout_threshold) {
   ShrinkParams p{};
@@ -188,15 +168,15 @@ void launch_shrink_wmma(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   p.dropout_seed = dropout_seed;
   p.dropout_threshold = dropout_threshold;
   const int64_t blocks = x.size(0) / 16;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "lora_ext: too many tokens (", x.size(0), ")");
+  LORA_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "lora_ext: too many tokens (", x.size(0), ")");
   const bool k_contiguous = p.w_stride_k == 1;
   auto launch = [&](auto rpad_tag) {
     constexpr int RPAD = decltype(rpad_tag)::value;
     if (k_contiguous) {
-      lora_shrink_wmma_kernel<T, RPAD, DROPOUT, true>
+      lora_shrink_wmma_kernel<T, TW, RPAD, DROPOUT, true>
           <<<static_cast<unsigned>(blocks), 128, 0, at::cuda::getCurrentCUDAStream()>>>(p);
     } else {
-      lora_shrink_wmma_kernel<T, RPAD, DROPOUT, false>
+      lora_shrink_wmma_kernel<T, TW, RPAD, DROPOUT, false>
           <<<static_cast<unsigned>(blocks), 128, 0, at::cuda::getCurrentCUDAStream()>>>(p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,16 +1,20 @@
 // The low-rank steps of LoRA on CUDA, each choosing its kernel:
 //   shrink        out = alpha · dropout(X)·Wᵀ (tokens × r, float32): tensor cores where the operands allow
 //                 (lora_shrink.cuh), else the general kernel (lora_gemm.cuh)
-//   expand_add    lora_expand.cuh
-//   token_reduce  lora_token_reduce.cuh
+//   expand_add    C += alpha·L·Rᵀ (· keep): tensor cores for 16-bit C (lora_expand_wmma.cuh), else
+//                 float32 FMAs (lora_expand.cuh)
+//   token_reduce  Σ over tokens of Mᵀ·R: tensor cores for 16-bit M (lora_token_reduce_wmma.cuh), else
+//                 float32 FMAs (lora_token_reduce.cuh)
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include "lora_expand.cuh"
+#include "lora_expand_wmma.cuh"
 #include "lora_gemm_launch.cuh"
 #include "lora_shrink.cuh"
 #include "lora_token_reduce.cuh"
+#include "lora_token_reduce_wmma.cuh"
 
 namespace lora_ext {
 namespace cuda {
@@ -26,12 +30,12 @@ void shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, double
   const int64_t tokens = x.size(0), rank = w_rk.size(0), k = x.size(1);
   const bool dropout = dropout_seed != nullptr;
   int64_t done = 0;
-  if constexpr (std::is_same_v<act_t, adapter_t> && !std::is_same_v<act_t, float>) {
+  if constexpr (!std::is_same_v<act_t, float>) {
     if (tokens >= kShrinkWmmaMinTokens && shrink_wmma_supported(x, w_rk, rank)) {
       if (dropout) {
-        launch_shrink_wmma<act_t, true>(out, x, w_rk, alpha, dropout_seed, threshold);
+        launch_shrink_wmma<act_t, adapter_t, true>(out, x, w_rk, alpha, dropout_seed, threshold);
       } else {
-        launch_shrink_wmma<act_t, false>(out, x, w_rk, alpha, nullptr, 0);
+        launch_shrink_wmma<act_t, adapter_t, false>(out, x, w_rk, alpha, nullptr, 0);
       }
       done = tokens / 16 * 16;
     }
@@ -47,6 +51,36 @@ void shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, double
   } else {
     gemm_store_float<act_t, adapter_t, DropoutAt::kNone>(p, out_rest);
   }
+}
+
+// c (M × N) += alpha · left·rightᵀ (· keep); left (M × r), right (N × r), any strides.
+template <typename TL, typename TR, typename TC, bool DROPOUT>
+void expand_add_step(const at::Tensor& c, const at::Tensor& left, const at::Tensor& right, double alpha,
+                     const int64_t* dropout_seed = nullptr, uint32_t threshold = 0) {
+  if constexpr (!std::is_same_v<TC, float>) {
+    if (expand_wmma_supported(c, left, right)) {
+      launch_expand_wmma<TC, TL, TR, DROPOUT>(c, left, right, alpha, dropout_seed, threshold);
+      return;
+    }
+  }
+  expand_add<TL, TR, TC, DROPOUT>(c, left, right, alpha, dropout_seed, threshold);
+}
+
+// out (C × r, float32, contiguous) = alpha · Σ_t keep · matrix[t, :]ᵀ right[t, :].
+template <typename TM, bool DROPOUT>
+void token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tensor& right, double alpha,
+                       const int64_t* dropout_seed = nullptr, uint32_t threshold = 0) {
+  if (matrix.size(0) == 0) {
+    out.zero_();
+    return;
+  }
+  if constexpr (!std::is_same_v<TM, float>) {
+    if (token_reduce_wmma_supported(matrix, right)) {
+      launch_token_reduce_wmma<TM, DROPOUT>(out, matrix, right, alpha, dropout_seed, threshold);
+      return;
+    }
+  }
+  token_reduce<TM, DROPOUT>(out, matrix, right, alpha, dropout_seed, threshold);
 }
 
 }  // namespace cuda

@@ -10,6 +10,7 @@
 // bit. Bytes: M read once; R read once per column slab; partials 4·splits·C·r.
 #pragma once
 
+#include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -134,7 +135,7 @@ void token_reduce(at::Tensor& out, const at::Tensor& matrix, const at::Tensor& r
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, 65535));
   const int64_t tokens_per_split = (tokens + splits - 1) / splits;
   splits = (tokens + tokens_per_split - 1) / tokens_per_split;
-  TORCH_CHECK(slabs <= std::numeric_limits<int32_t>::max() && rank_chunks <= 65535,
+  LORA_CHECK(slabs <= std::numeric_limits<int32_t>::max() && rank_chunks <= 65535,
               "lora_ext: gradient too large for the launch grid");
 
   at::Tensor partials = splits == 1 ? out : at::empty({splits, columns, rank}, out.options());

@@ -1,6 +1,7 @@
 // CUDA merge and unmerge, W ±= s·B·A in place, and the dropout keep mask as a tensor.
 // Merge is one expand-add pass over W (out × in, rank r; lora_expand.cuh): each element of W is read
 // and written once, the rank-r sum is accumulated in float32, and the result rounded once into W.
+#include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -22,8 +23,12 @@ void merge_impl(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& 
   dispatch_activation_and_adapter(weight.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using act_t = decltype(act_tag);
     using adapter_t = decltype(adapter_tag);
-    // W[o, k] += s · Σ_j B[o, j] · A[j, k]
-    expand_add<adapter_t, adapter_t, act_t, false>(weight, lora_B, lora_A.t(), scaling);
+    // W[o, k] += s · Σ_j B[o, j] · A[j, k]. float32 adapters keep every bit of A and B: float32 FMAs.
+    if constexpr (std::is_same_v<adapter_t, float>) {
+      expand_add<adapter_t, adapter_t, act_t, false>(weight, lora_B, lora_A.t(), scaling);
+    } else {
+      expand_add_step<adapter_t, adapter_t, act_t, false>(weight, lora_B, lora_A.t(), scaling);
+    }
   });
 }
 
@@ -48,9 +53,9 @@ __global__ void dropout_keep_mask_kernel(bool* mask, const int64_t* seed, int64_
 
 at::Tensor dropout_keep_mask_cuda(const at::Tensor& dropout_seed, int64_t rows, int64_t cols, double dropout_p) {
   const char* op = "lora_ext::dropout_keep_mask";
-  TORCH_CHECK(rows >= 0 && cols >= 0, op, ": rows and cols must be >= 0, got ", rows, " and ", cols);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(dropout_seed.scalar_type() == at::kLong && dropout_seed.numel() == 1, op,
+  LORA_CHECK(rows >= 0 && cols >= 0, op, ": rows and cols must be >= 0, got ", rows, " and ", cols);
+  LORA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  LORA_CHECK(dropout_seed.scalar_type() == at::kLong && dropout_seed.numel() == 1, op,
               ": dropout_seed must be an int64 tensor with one element");
   const c10::cuda::CUDAGuard device_guard(dropout_seed.device());
   at::Tensor mask = at::empty({rows, cols}, dropout_seed.options().dtype(at::kBool));

@@ -1,0 +1,164 @@
+// token-reduce on tensor cores: out[c, j] = alpha · Σ_t keep(t, c) · M[t, c] · R[t, j]   (16-bit M)
+//
+// The adapter gradients dB = s·dyᵀ·xa and dAᵀ = dropout(x)ᵀ·dxa as one streaming pass over M with
+// 16×16×16 MMAs; R (float32, tokens × r) is rounded to M's type as it is staged, as in PEFT's bf16
+// LoRA. Grid: x over 128-column tiles of M, y over token splits. Block: 4 warps, each owning 32
+// columns × all RPAD ranks. Per 32 tokens the block stages M (32 × 128, 16-byte loads, dropout applied)
+// and R (32 × RPAD) in shared memory and each warp accumulates Mᵀ·R. Each split writes float32
+// partials (splits × C_pad × RPAD) that a fixed-order sum reduces: results repeat bit for bit.
+// Bytes: M read once; R once per column tile; partials 4·splits·C·RPAD.
+#pragma once
+
+#include "../error_message.h"
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <mma.h>
+
+#include "lora_token_reduce.cuh"
+#include "wmma_tiles.cuh"
+
+namespace lora_ext {
+namespace cuda {
+
+namespace token_reduce_wmma_detail {
+constexpr int kCols = 128;
+constexpr int kTokens = 32;
+constexpr int kPitch = kCols + 8;
+}  // namespace token_reduce_wmma_detail
+
+template <typename T, int RPAD, bool DROPOUT>
+__global__ void __launch_bounds__(128) lora_token_reduce_wmma_kernel(const TokenReduceParams p) {
+  using namespace token_reduce_wmma_detail;
+  using namespace nvcuda;
+  using MmaT = typename WmmaType<T>::type;
+  constexpr int kRightPitch = RPAD + 8;
+  __shared__ __align__(32) T matrix_tile[kTokens][kPitch];
+  __shared__ __align__(32) T right_tile[kTokens][kRightPitch];
+
+  const int warp = threadIdx.x / 32;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kCols;
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * p.tokens_per_split;
+  const int64_t t_end = min(p.tokens, t_begin + p.tokens_per_split);
+  const T* matrix = static_cast<const T*>(p.matrix);
+
+  uint64_t seed = 0;
+  if constexpr (DROPOUT) seed = static_cast<uint64_t>(*p.dropout_seed);
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][RPAD / 16];
+#pragma unroll
+  for (int cf = 0; cf < 2; ++cf)
+#pragma unroll
+    for (int jf = 0; jf < RPAD / 16; ++jf) wmma::fill_fragment(acc[cf][jf], 0.f);
+
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kTokens) {
+#pragma unroll
+    for (int i = 0; i < kTokens * kCols / 8 / 128; ++i) {
+      const int v = threadIdx.x + 128 * i, r = v / (kCols / 8), c = (v % (kCols / 8)) * 8;
+      const int64_t t = t0 + r, col = c0 + c;
+      uint4 bits = make_uint4(0, 0, 0, 0);
+      if (t < t_end && col < p.columns) {
+        bits = *reinterpret_cast<const uint4*>(matrix + t * p.matrix_stride_t + col);
+        if constexpr (DROPOUT) bits = apply_dropout8<T>(bits, seed, t, col, p.dropout_threshold);
+      }
+      *reinterpret_cast<uint4*>(&matrix_tile[r][c]) = bits;
+    }
+    for (int v = threadIdx.x; v < kTokens * (RPAD / 8); v += 128) {
+      const int r = v / (RPAD / 8), j = (v % (RPAD / 8)) * 8;
+      const int64_t t = t0 + r;
+      uint4 bits = make_uint4(0, 0, 0, 0);
+      if (t < t_end && j < p.rank) bits = load8_as<T>(p.right + t * p.rank + j);
+      *reinterpret_cast<uint4*>(&right_tile[r][j]) = bits;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kt = 0; kt < kTokens; kt += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, MmaT, wmma::row_major> b[RPAD / 16];
+#pragma unroll
+      for (int jf = 0; jf < RPAD / 16; ++jf) {
+        wmma::load_matrix_sync(b[jf], reinterpret_cast<const MmaT*>(&right_tile[kt][jf * 16]), kRightPitch);
+      }
+#pragma unroll
+      for (int cf = 0; cf < 2; ++cf) {
+        // Mᵀ (columns × tokens) is M's tile read column-major.
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, MmaT, wmma::col_major> a;
+        wmma::load_matrix_sync(a, reinterpret_cast<const MmaT*>(&matrix_tile[kt][warp * 32 + cf * 16]), kPitch);
+#pragma unroll
+        for (int jf = 0; jf < RPAD / 16; ++jf) wmma::mma_sync(acc[cf][jf], a, b[jf], acc[cf][jf]);
+      }
+    }
+    __syncthreads();
+  }
+
+  // partials: (splits × C_pad × RPAD); C_pad covers whole 128-column tiles, so every store is in bounds.
+  const int64_t columns_padded = static_cast<int64_t>(gridDim.x) * kCols;
+  float* out = p.partials + static_cast<int64_t>(blockIdx.y) * columns_padded * RPAD;
+#pragma unroll
+  for (int cf = 0; cf < 2; ++cf) {
+#pragma unroll
+    for (int jf = 0; jf < RPAD / 16; ++jf) {
+#pragma unroll
+      for (int e = 0; e < acc[cf][jf].num_elements; ++e) acc[cf][jf].x[e] *= p.alpha;
+      wmma::store_matrix_sync(out + (c0 + warp * 32 + cf * 16) * RPAD + jf * 16, acc[cf][jf], RPAD,
+                              wmma::mem_row_major);
+    }
+  }
+}
+
+inline bool token_reduce_wmma_supported(const at::Tensor& matrix, const at::Tensor& right) {
+  const auto dtype = matrix.scalar_type();
+  if (!(dtype == at::kHalf || dtype == at::kBFloat16)) return false;
+  const int64_t rank = right.size(1);
+  if (rank > 64 || rank % 8 != 0 || matrix.size(1) % 8 != 0) return false;
+  if (!right.is_contiguous() || !aligned16(right.data_ptr())) return false;
+  return matrix.stride(1) == 1 && (matrix.size(0) <= 1 || matrix.stride(0) % 8 == 0) && aligned16(matrix.data_ptr());
+}
+
+// out (C × r, float32, contiguous) = alpha · Σ_t keep · M[t, :]ᵀ R[t, :].
+template <typename T, bool DROPOUT>
+void launch_token_reduce_wmma(at::Tensor& out, const at::Tensor& matrix, const at::Tensor& right, double alpha,
+                              const int64_t* dropout_seed, uint32_t dropout_threshold) {
+  using namespace token_reduce_wmma_detail;
+  const int64_t tokens = matrix.size(0), columns = matrix.size(1), rank = right.size(1);
+  const int64_t rpad = rank <= 16 ? 16 : rank <= 32 ? 32 : 64;
+  const int64_t column_tiles = (columns + kCols - 1) / kCols;
+  const int64_t wanted_blocks = 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t splits = (wanted_blocks + column_tiles - 1) / column_tiles;
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, (tokens + 63) / 64, 65535}));  // ≥ 64 tokens a split
+  const int64_t tokens_per_split = (tokens + splits - 1) / splits;
+  splits = (tokens + tokens_per_split - 1) / tokens_per_split;
+  LORA_CHECK(column_tiles <= std::numeric_limits<int32_t>::max(), "lora_ext: too many features (", columns, ")");
+
+  at::Tensor partials = at::empty({splits, column_tiles * kCols, rpad}, out.options());
+  TokenReduceParams p{};
+  p.matrix = matrix.data_ptr();
+  p.matrix_stride_t = matrix.stride(0);
+  p.matrix_stride_c = 1;
+  p.right = right.data_ptr<float>();
+  p.partials = partials.data_ptr<float>();
+  p.tokens = tokens;
+  p.columns = columns;
+  p.rank = rank;
+  p.tokens_per_split = tokens_per_split;
+  p.alpha = static_cast<float>(alpha);
+  p.dropout_seed = dropout_seed;
+  p.dropout_threshold = dropout_threshold;
+  const dim3 grid(static_cast<unsigned>(column_tiles), static_cast<unsigned>(splits));
+  auto launch = [&](auto rpad_tag) {
+    constexpr int RPAD = decltype(rpad_tag)::value;
+    lora_token_reduce_wmma_kernel<T, RPAD, DROPOUT><<<grid, 128, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (rpad == 16) {
+    launch(std::integral_constant<int, 16>{});
+  } else if (rpad == 32) {
+    launch(std::integral_constant<int, 32>{});
+  } else {
+    launch(std::integral_constant<int, 64>{});
+  }
+  const at::Tensor summed = splits == 1 ? partials[0] : partials.sum(0);
+  out.copy_(summed.narrow(0, 0, columns).narrow(1, 0, rank));
+}
+
+}  // namespace cuda
+}  // namespace lora_ext

@@ -1,0 +1,75 @@
+// Shared pieces of the tensor-core kernels (lora_shrink.cuh, lora_expand_wmma.cuh,
+// lora_token_reduce_wmma.cuh): the WMMA element types, and loads of eight consecutive elements as one
+// 16-byte vector of the MMA type, converting float32 (adapters or x·Aᵀ) to 16 bits on the way.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include "../dropout_mask.h"
+
+namespace lora_ext {
+namespace cuda {
+
+template <typename T>
+struct WmmaType;
+template <>
+struct WmmaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// Eight elements of T packed in 16 bytes.
+template <typename T>
+union Pack8 {
+  uint4 bits;
+  T v[8];
+};
+
+// Eight consecutive elements at `src` (16-byte aligned for 16-bit sources, 16-byte aligned for float),
+// as T. Float sources are rounded to T once.
+template <typename T, typename TSrc>
+__device__ __forceinline__ uint4 load8_as(const TSrc* src) {
+  if constexpr (std::is_same_v<TSrc, T>) {
+    return *reinterpret_cast<const uint4*>(src);
+  } else {
+    static_assert(std::is_same_v<TSrc, float>, "sources are T or float");
+    const float4 lo = *reinterpret_cast<const float4*>(src);
+    const float4 hi = *reinterpret_cast<const float4*>(src + 4);
+    Pack8<T> out;
+    out.v[0] = T(lo.x);
+    out.v[1] = T(lo.y);
+    out.v[2] = T(lo.z);
+    out.v[3] = T(lo.w);
+    out.v[4] = T(hi.x);
+    out.v[5] = T(hi.y);
+    out.v[6] = T(hi.z);
+    out.v[7] = T(hi.w);
+    return out.bits;
+  }
+}
+
+// Zero the elements of an 8-vector (columns col … col+7 of `row`, col % 8 == 0) that dropout drops.
+template <typename T>
+__device__ __forceinline__ uint4 apply_dropout8(uint4 bits, uint64_t seed, int64_t row, int64_t col,
+                                                uint32_t threshold) {
+  const unsigned keep = dropout_keep4(seed, row, col >> 2, threshold) |
+                        (dropout_keep4(seed, row, (col >> 2) + 1, threshold) << 4);
+  Pack8<T> pack;
+  pack.bits = bits;
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    if (!((keep >> q) & 1u)) pack.v[q] = T(0.f);
+  }
+  return pack.bits;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace cuda
+}  // namespace lora_ext

@@ -24,8 +24,11 @@ import lora_ext
 try:
     import peft
     from peft import LoraConfig, get_peft_model
-except ImportError:  # PEFT is optional: the table then has no PEFT column
+
+    PEFT_IMPORT_ERROR = None
+except Exception as error:  # PEFT is optional: the table then has no PEFT column, and says why
     peft = None
+    PEFT_IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
 
 def median_ms(fn, device, warmup_ms=25, rep_ms=100):
@@ -228,6 +231,8 @@ def main():
         "date": time.strftime("%Y-%m-%d"),
     }
     print(" | ".join(f"{k} {v}" for k, v in header.items()))
+    if PEFT_IMPORT_ERROR:
+        print(f"PEFT not compared: {PEFT_IMPORT_ERROR}")
     rows = []
     for spec in cases(args.quick, on_gpu):
         rows.append(run_case(*spec, device=device))

@@ -7,8 +7,8 @@
 // the kernels read the seed from device memory at run time.
 //
 // The bits come from Philox4x32-10 (Salmon et al. 2011; the generator behind at::Philox4_32 and
-// curand), keyed by the seed, with the counter (column / 4, row): one call yields the four
-// words for four adjacent columns. The same function runs on the host and on the device, so the CPU
+// curand), keyed by the seed, with the counter (column / 8, row): one call yields the four
+// words that decide eight adjacent columns. The same function runs on the host and on the device, so the CPU
 // and CUDA kernels draw identical masks for the same seed.
 #pragma once
 
@@ -51,31 +51,38 @@ C10_HOST_DEVICE inline PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint3
   return PhiloxWords{{c0, c1, c2, c3}};
 }
 
-// An element is kept when its 32-bit word is >= threshold; threshold = p * 2^32, so P(keep) = 1 - p
-// to within 2^-32.
+// Each 32-bit Philox word decides two elements by its 16-bit halves, so one call covers eight adjacent
+// columns: a half is kept when it is >= threshold = floor(p · 2^16). The kept fraction is then exactly
+// 1 − threshold / 2^16 (p rounded down to a multiple of 2^-16, at most 1.5e-5 below it), and kept
+// elements are scaled by keep_scale(p) = 2^16 / (2^16 − threshold), its exact inverse, so dropout stays
+// unbiased.
 inline uint32_t dropout_threshold(double dropout_p) {
-  const double scaled = std::floor(dropout_p * 4294967296.0);
-  return scaled >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(scaled < 0 ? 0 : scaled);
+  const double scaled = std::floor(dropout_p * 65536.0);
+  return scaled >= 65535.0 ? 65535u : static_cast<uint32_t>(scaled < 0 ? 0 : scaled);
 }
 
-C10_HOST_DEVICE inline bool dropout_keep(uint64_t seed, uint64_t row, uint64_t column, uint32_t threshold) {
-  const PhiloxWords words = philox4x32_10(static_cast<uint32_t>(column >> 2), static_cast<uint32_t>(column >> 34),
-                                          static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32),
-                                          static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const uint32_t lane = static_cast<uint32_t>(column & 3);
-  // Select without a run-time index into the array, so the words stay in registers on the GPU.
-  const uint32_t word = lane == 0 ? words.w[0] : lane == 1 ? words.w[1] : lane == 2 ? words.w[2] : words.w[3];
-  return word >= threshold;
+inline double dropout_keep_scale(double dropout_p) {
+  return dropout_p > 0.0 ? 65536.0 / (65536.0 - static_cast<double>(dropout_threshold(dropout_p))) : 1.0;
 }
 
-// Keep bits of the four adjacent columns 4·column_group … 4·column_group + 3 of a row (bit e for
-// column 4·column_group + e): one Philox call, the same bits dropout_keep() gives one at a time.
-C10_HOST_DEVICE inline unsigned dropout_keep4(uint64_t seed, uint64_t row, uint64_t column_group, uint32_t threshold) {
+// Keep bits of the eight columns 8·column_group … 8·column_group + 7 of a row (bit e: column 8·group + e).
+C10_HOST_DEVICE inline unsigned dropout_keep8(uint64_t seed, uint64_t row, uint64_t column_group, uint32_t threshold) {
   const PhiloxWords words = philox4x32_10(static_cast<uint32_t>(column_group), static_cast<uint32_t>(column_group >> 32),
                                           static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32),
                                           static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return (words.w[0] >= threshold ? 1u : 0u) | (words.w[1] >= threshold ? 2u : 0u) |
-         (words.w[2] >= threshold ? 4u : 0u) | (words.w[3] >= threshold ? 8u : 0u);
+  unsigned keep = 0;
+#ifdef __CUDACC__
+#pragma unroll
+#endif
+  for (int w = 0; w < 4; ++w) {
+    keep |= ((words.w[w] & 0xffffu) >= threshold ? 1u : 0u) << (2 * w);
+    keep |= ((words.w[w] >> 16) >= threshold ? 1u : 0u) << (2 * w + 1);
+  }
+  return keep;
+}
+
+C10_HOST_DEVICE inline bool dropout_keep(uint64_t seed, uint64_t row, uint64_t column, uint32_t threshold) {
+  return (dropout_keep8(seed, row, column >> 3, threshold) >> (column & 7)) & 1u;
 }
 
 }  // namespace lora_ext

@@ -7,7 +7,8 @@
 TORCH_LIBRARY(lora_ext, m) {
   // y = x·Wᵀ + b + scaling · dropout(x)·Aᵀ·Bᵀ for 2-D x (tokens, in_features). Also returns
   // lora_activation = dropout(x)·Aᵀ (tokens, r) in float32 (float64 for float64 x): the one tensor that
-  // backward needs beyond x. dropout(x) = x · keep / (1 − p), keep drawn from dropout_seed.
+  // backward needs beyond x. dropout(x) = x · keep · keep_scale(p), keep drawn from dropout_seed and
+  // keep_scale(p) ≈ 1 / (1 − p) exactly inverting the kept fraction (csrc/dropout_mask.h).
   m.def(
       "lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
       "float dropout_p, Tensor? dropout_seed) -> (Tensor y, Tensor lora_activation)");

@@ -1,6 +1,7 @@
 """Thin Python wrappers over torch.ops.lora_ext: fake (meta) implementations for torch.compile and the
 autograd formula. The kernels live in csrc/; nothing here computes what an operator computes, except the
 gradients of the frozen weight and bias, which only exist if a user unfroze them."""
+import math
 from typing import Optional
 
 import torch
@@ -15,6 +16,7 @@ __all__ = [
     "lora_linear",
     "new_dropout_seed",
     "dropout_keep_mask",
+    "dropout_keep_scale",
     "merge_",
     "unmerge_",
     "cuda_kernels_available",
@@ -133,6 +135,16 @@ def lora_linear(
 def dropout_keep_mask(dropout_seed: torch.Tensor, rows: int, cols: int, dropout_p: float) -> torch.Tensor:
     """The boolean keep mask (rows, cols) that the kernels draw for this seed and probability."""
     return torch.ops.lora_ext.dropout_keep_mask(dropout_seed, rows, cols, float(dropout_p))
+
+
+def dropout_keep_scale(dropout_p: float) -> float:
+    """The factor kept elements are scaled by: 1 / (1 − p'), where p' = floor(p · 2^16) / 2^16 is the exact
+    drop probability of the kernels' 16-bit comparisons (|p' − p| < 1.6e-5), so dropout is exactly unbiased.
+    Mirrors dropout_keep_scale in csrc/dropout_mask.h."""
+    if dropout_p <= 0:
+        return 1.0
+    threshold = min(math.floor(dropout_p * 65536.0), 65535)
+    return 65536.0 / (65536.0 - threshold)
 
 
 def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:

@@ -189,7 +189,7 @@ def _leaf64(t):
 def lora_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, keep=None, grad_y=None):
     """float64 CPU autograd on the plain formula.
 
-    y  = x W^T + b + s * dropout(x) A^T B^T,   dropout(x) = x * keep / (1 - p)
+    y  = x W^T + b + s * dropout(x) A^T B^T,   dropout(x) = x * keep * keep_scale(p) (≈ 1 / (1 - p))
     xa = dropout(x) A^T
     `keep` is a bool mask of x's flattened shape (rows, in) or x's shape.
     Returns a dict with y, xa and, when grad_y is given, grad_x, grad_weight,
@@ -198,7 +198,7 @@ def lora_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, keep
     x64, w64, b64, a64, bb64 = (_leaf64(t) for t in (x, weight, bias, lora_A, lora_B))
     if keep is not None:
         keep64 = keep.detach().to("cpu").reshape(x64.shape).to(torch.float64)
-        x_dropped = x64 * keep64 / (1.0 - dropout_p)
+        x_dropped = x64 * keep64 * lora_ext.ops.dropout_keep_scale(dropout_p)
     else:
         assert dropout_p == 0.0
         x_dropped = x64

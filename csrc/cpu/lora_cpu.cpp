@@ -16,14 +16,14 @@ uint64_t read_seed(const c10::optional<at::Tensor>& dropout_seed) {
   return static_cast<uint64_t>(dropout_seed->item<int64_t>());
 }
 
-// The keep mask as 0 / (1 / (1 − p)) in the accumulation type: a temporary of the CPU path only,
+// The keep mask as 0 / keep_scale (≈ 1 / (1 − p)) in the accumulation type: a temporary of the CPU path only,
 // regenerated wherever it is needed and never saved for backward.
 at::Tensor scaled_keep_mask(uint64_t seed, int64_t rows, int64_t cols, double dropout_p, at::ScalarType dtype) {
   at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(dtype));
   const uint32_t threshold = dropout_threshold(dropout_p);
   AT_DISPATCH_FLOATING_TYPES(dtype, "lora_ext_scaled_keep_mask", [&] {
     scalar_t* out = mask.data_ptr<scalar_t>();
-    const scalar_t kept = static_cast<scalar_t>(1.0 / (1.0 - dropout_p));
+    const scalar_t kept = static_cast<scalar_t>(dropout_keep_scale(dropout_p));
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         for (int64_t col = 0; col < cols; ++col) {

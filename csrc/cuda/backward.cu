@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   const at::Tensor activation = lora_activation.contiguous();
   const int64_t* seed = dropout_p > 0.0 ? dropout_seed->data_ptr<int64_t>() : nullptr;
   const uint32_t threshold = dropout_threshold(dropout_p);
-  const double keep_scale = 1.0 / (1.0 - dropout_p);
+  const double keep_scale = dropout_keep_scale(dropout_p);
 
   dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using act_t = decltype(act_tag);

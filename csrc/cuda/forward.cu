@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "lora_decode.cuh"
 #include "lora_steps.cuh"
 #include "nvtx_range.h"
 
@@ -33,8 +34,16 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
   dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using act_t = decltype(act_tag);
     using adapter_t = decltype(adapter_tag);
+    if constexpr (!std::is_same_v<act_t, float>) {
+      if (decode_supported(x, lora_A, lora_B, y)) {  // a few tokens: one fused launch
+        launch_decode<act_t, adapter_t>(y, lora_activation, x, lora_A, lora_B, scaling, dropout_keep_scale(dropout_p),
+                                        seed, dropout_threshold(dropout_p));
+        return;
+      }
+    }
     // xa[t, j] = Σ_k dropout(x)[t, k] · A[j, k]
-    shrink<act_t, adapter_t>(lora_activation, x, lora_A, 1.0 / (1.0 - dropout_p), seed, dropout_threshold(dropout_p));
+    shrink<act_t, adapter_t>(lora_activation, x, lora_A, dropout_keep_scale(dropout_p), seed,
+                             dropout_threshold(dropout_p));
     // y[t, o] += s · Σ_j xa[t, j] · B[o, j]
     expand_add_step<float, adapter_t, act_t, false>(y, lora_activation, lora_B, scaling);
   });

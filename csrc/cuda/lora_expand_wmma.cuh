@@ -112,8 +112,7 @@ __global__ void __launch_bounds__(128) lora_expand_wmma_kernel(const ExpandParam
     if (row >= p.m || col >= p.n) continue;
     unsigned keep = 0xffu;
     if constexpr (DROPOUT) {
-      keep = dropout_keep4(seed, row, col >> 2, p.dropout_threshold) |
-             (dropout_keep4(seed, row, (col >> 2) + 1, p.dropout_threshold) << 4);
+      keep = dropout_keep8(seed, row, col >> 3, p.dropout_threshold);
     }
     const float4 lo = *reinterpret_cast<const float4*>(&out_tile[warp][r][c]);
     const float4 hi = *reinterpret_cast<const float4*>(&out_tile[warp][r][c + 4]);

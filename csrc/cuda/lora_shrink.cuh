@@ -65,20 +65,31 @@ __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParam
 
   const T* x = static_cast<const T*>(p.x);
   const TW* w = static_cast<const TW*>(p.w);
-  for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-    const int64_t k0 = chunk * kTileK;
-    // X: 16 rows × 8 vectors of 8 elements; out-of-range columns (K tail) read as zero.
+  // X: 16 rows × 8 vectors of 8 elements per chunk, four per lane; out-of-range columns (K tail) read as
+  // zero. The next chunk's loads are issued before this chunk's MMAs, so HBM reads overlap the math.
+  uint4 x_next[4];
+  auto load_x = [&](int64_t k0) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int v = lane + 32 * i, r = v / 8, c = (v % 8) * 8;
-      const int64_t row = row0 + r, col = k0 + c;
-      uint4 bits = make_uint4(0, 0, 0, 0);
-      if (col < p.k) {
-        bits = *reinterpret_cast<const uint4*>(x + row * p.x_stride_t + col);
-        if constexpr (DROPOUT) bits = apply_dropout8<T>(bits, seed, row, col, p.dropout_threshold);
+      const int64_t col = k0 + c;
+      x_next[i] = col < p.k ? *reinterpret_cast<const uint4*>(x + (row0 + r) * p.x_stride_t + col)
+                            : make_uint4(0, 0, 0, 0);
+    }
+  };
+  if (chunk_begin < chunk_end) load_x(chunk_begin * kTileK);
+  for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    const int64_t k0 = chunk * kTileK;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int v = lane + 32 * i, r = v / 8, c = (v % 8) * 8;
+      uint4 bits = x_next[i];
+      if constexpr (DROPOUT) {
+        if (k0 + c < p.k) bits = apply_dropout8<T>(bits, seed, row0 + r, k0 + c, p.dropout_threshold);
       }
       *reinterpret_cast<uint4*>(&x_tile[warp][r][c]) = bits;
     }
+    if (chunk + 1 < chunk_end) load_x(k0 + kTileK);
     // W: RPAD rows (ranks ≥ r are zero) × 64 columns of K.
     if constexpr (W_K_CONTIGUOUS) {
 #pragma unroll

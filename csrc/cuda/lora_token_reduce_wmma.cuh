@@ -51,18 +51,32 @@ __global__ void __launch_bounds__(128) lora_token_reduce_wmma_kernel(const Token
 #pragma unroll
     for (int jf = 0; jf < RPAD / 16; ++jf) wmma::fill_fragment(acc[cf][jf], 0.f);
 
-  for (int64_t t0 = t_begin; t0 < t_end; t0 += kTokens) {
+  // M: 32 tokens × 16 vectors of 8 columns per step, four per thread. The next step's loads are issued
+  // before this step's MMAs, so HBM reads overlap the math.
+  constexpr int kLoads = kTokens * kCols / 8 / 128;
+  uint4 m_next[kLoads];
+  auto load_m = [&](int64_t t0) {
 #pragma unroll
-    for (int i = 0; i < kTokens * kCols / 8 / 128; ++i) {
+    for (int i = 0; i < kLoads; ++i) {
       const int v = threadIdx.x + 128 * i, r = v / (kCols / 8), c = (v % (kCols / 8)) * 8;
       const int64_t t = t0 + r, col = c0 + c;
-      uint4 bits = make_uint4(0, 0, 0, 0);
-      if (t < t_end && col < p.columns) {
-        bits = *reinterpret_cast<const uint4*>(matrix + t * p.matrix_stride_t + col);
-        if constexpr (DROPOUT) bits = apply_dropout8<T>(bits, seed, t, col, p.dropout_threshold);
+      m_next[i] = (t < t_end && col < p.columns)
+                      ? *reinterpret_cast<const uint4*>(matrix + t * p.matrix_stride_t + col)
+                      : make_uint4(0, 0, 0, 0);
+    }
+  };
+  if (t_begin < t_end) load_m(t_begin);
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kTokens) {
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int v = threadIdx.x + 128 * i, r = v / (kCols / 8), c = (v % (kCols / 8)) * 8;
+      uint4 bits = m_next[i];
+      if constexpr (DROPOUT) {
+        if (t0 + r < t_end && c0 + c < p.columns) bits = apply_dropout8<T>(bits, seed, t0 + r, c0 + c, p.dropout_threshold);
       }
       *reinterpret_cast<uint4*>(&matrix_tile[r][c]) = bits;
     }
+    if (t0 + kTokens < t_end) load_m(t0 + kTokens);
     for (int v = threadIdx.x; v < kTokens * (RPAD / 8); v += 128) {
       const int r = v / (RPAD / 8), j = (v % (RPAD / 8)) * 8;
       const int64_t t = t0 + r;

@@ -58,8 +58,7 @@ __device__ __forceinline__ uint4 load8_as(const TSrc* src) {
 template <typename T>
 __device__ __forceinline__ uint4 apply_dropout8(uint4 bits, uint64_t seed, int64_t row, int64_t col,
                                                 uint32_t threshold) {
-  const unsigned keep = dropout_keep4(seed, row, col >> 2, threshold) |
-                        (dropout_keep4(seed, row, (col >> 2) + 1, threshold) << 4);
+  const unsigned keep = dropout_keep8(seed, row, col >> 3, threshold);
   Pack8<T> pack;
   pack.bits = bits;
 #pragma unroll

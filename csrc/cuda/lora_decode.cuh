@@ -1,0 +1,176 @@
+// The whole low-rank forward for a few tokens (decoding), in one launch:
+//   xa[t, :] = keep_scale · dropout(x[t, :])·Aᵀ   (written out: backward needs it)
+//   y[t, :] += s · xa[t, :]·Bᵀ
+// At decoding sizes the cost is launches and latency, not bytes (PERF-FACTS: each extra kernel costs
+// 6–10 µs against a 24 µs base GEMM), so shrink and expand share one kernel. Grid: one block per token.
+// Block: 256 threads; each reduces its share of K for all r ranks in float32, the block adds the shares in
+// a fixed order (warp shuffles, then 8 warp sums), then each thread updates 8 consecutive outputs at a
+// time. Bytes: x and y rows once; A and B once per token (from L2 after the first token).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "wmma_tiles.cuh"
+
+namespace lora_ext {
+namespace cuda {
+
+constexpr int64_t kDecodeMaxTokens = 32;
+
+struct DecodeParams {
+  const void* x;
+  int64_t x_stride_t;
+  const void* lora_A;  // (r × K), unit stride along K
+  int64_t a_stride_j;
+  const void* lora_B;  // (N × r), unit stride along r
+  int64_t b_stride_n;
+  void* y;  // (tokens × N), unit stride along N
+  int64_t y_stride_t;
+  float* lora_activation;  // (tokens × r), contiguous
+  int64_t k, n, rank;
+  float scaling, keep_scale;
+  const int64_t* dropout_seed;
+  uint32_t dropout_threshold;
+};
+
+// Eight consecutive elements at a 16-byte aligned address, as float32.
+template <typename T>
+__device__ __forceinline__ void load8_float(const T* src, float (&out)[8]) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 lo = *reinterpret_cast<const float4*>(src);
+    const float4 hi = *reinterpret_cast<const float4*>(src + 4);
+    out[0] = lo.x, out[1] = lo.y, out[2] = lo.z, out[3] = lo.w;
+    out[4] = hi.x, out[5] = hi.y, out[6] = hi.z, out[7] = hi.w;
+  } else {
+    Pack8<T> pack;
+    pack.bits = *reinterpret_cast<const uint4*>(src);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) out[q] = static_cast<float>(pack.v[q]);
+  }
+}
+
+template <typename T, typename TW, int RPAD, bool DROPOUT>
+__global__ void __launch_bounds__(256) lora_decode_kernel(const DecodeParams p) {
+  __shared__ float warp_sums[8][RPAD];
+  __shared__ float activation[RPAD];
+  const int64_t t = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* x = static_cast<const T*>(p.x) + t * p.x_stride_t;
+  const TW* lora_A = static_cast<const TW*>(p.lora_A);
+  const TW* lora_B = static_cast<const TW*>(p.lora_B);
+
+  uint64_t seed = 0;
+  if constexpr (DROPOUT) seed = static_cast<uint64_t>(*p.dropout_seed);
+
+  float partial[RPAD];
+#pragma unroll
+  for (int j = 0; j < RPAD; ++j) partial[j] = 0.f;
+  for (int64_t k = threadIdx.x * 8; k < p.k; k += 256 * 8) {
+    float xv[8];
+    load8_float(x + k, xv);
+    if constexpr (DROPOUT) {
+      const unsigned keep = dropout_keep8(seed, t, k >> 3, p.dropout_threshold);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) xv[q] = ((keep >> q) & 1u) ? xv[q] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < RPAD; ++j) {
+      if (j < p.rank) {
+        float av[8];
+        load8_float(lora_A + j * p.a_stride_j + k, av);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) partial[j] = fmaf(xv[q], av[q], partial[j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < RPAD; ++j) {
+    float v = partial[j];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (lane == 0) warp_sums[warp][j] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < p.rank) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) sum += warp_sums[w][threadIdx.x];
+    sum *= p.keep_scale;
+    activation[threadIdx.x] = sum;
+    p.lora_activation[t * p.rank + threadIdx.x] = sum;
+  }
+  __syncthreads();
+
+  T* y = static_cast<T*>(p.y) + t * p.y_stride_t;
+  for (int64_t o = threadIdx.x * 8; o < p.n; o += 256 * 8) {
+    Pack8<T> out;
+    out.bits = *reinterpret_cast<const uint4*>(y + o);
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      acc[e] = 0.f;
+#pragma unroll
+      for (int j0 = 0; j0 < RPAD; j0 += 8) {
+        if (j0 < p.rank) {
+          float bv[8];
+          load8_float(lora_B + (o + e) * p.b_stride_n + j0, bv);
+#pragma unroll
+          for (int q = 0; q < 8; ++q) acc[e] = fmaf(activation[j0 + q], bv[q], acc[e]);
+        }
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out.v[e] = T(static_cast<float>(out.v[e]) + p.scaling * acc[e]);
+    *reinterpret_cast<uint4*>(y + o) = out.bits;
+  }
+}
+
+inline bool decode_supported(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                             const at::Tensor& y) {
+  const int64_t tokens = x.size(0), rank = lora_A.size(0);
+  if (tokens == 0 || tokens > kDecodeMaxTokens || rank > 32 || rank % 8 != 0) return false;
+  if (x.scalar_type() == at::kFloat) return false;  // 16-bit outputs: one 16-byte vector is 8 elements
+  if (x.size(1) % 8 != 0 || y.size(1) % 8 != 0) return false;
+  if (x.stride(1) != 1 || (tokens > 1 && x.stride(0) % 8 != 0) || !aligned16(x.data_ptr())) return false;
+  if (y.stride(1) != 1 || (tokens > 1 && y.stride(0) % 8 != 0) || !aligned16(y.data_ptr())) return false;
+  if (lora_A.stride(1) != 1 || (rank > 1 && lora_A.stride(0) % 8 != 0) || !aligned16(lora_A.data_ptr())) return false;
+  return lora_B.stride(1) == 1 && lora_B.stride(0) % 8 == 0 && aligned16(lora_B.data_ptr());
+}
+
+template <typename T, typename TW>
+void launch_decode(at::Tensor& y, at::Tensor& lora_activation, const at::Tensor& x, const at::Tensor& lora_A,
+                   const at::Tensor& lora_B, double scaling, double keep_scale, const int64_t* dropout_seed,
+                   uint32_t dropout_threshold) {
+  DecodeParams p{};
+  p.x = x.data_ptr();
+  p.x_stride_t = x.stride(0);
+  p.lora_A = lora_A.data_ptr();
+  p.a_stride_j = lora_A.stride(0);
+  p.lora_B = lora_B.data_ptr();
+  p.b_stride_n = lora_B.stride(0);
+  p.y = y.data_ptr();
+  p.y_stride_t = y.stride(0);
+  p.lora_activation = lora_activation.data_ptr<float>();
+  p.k = x.size(1);
+  p.n = y.size(1);
+  p.rank = lora_A.size(0);
+  p.scaling = static_cast<float>(scaling);
+  p.keep_scale = static_cast<float>(keep_scale);
+  p.dropout_seed = dropout_seed;
+  p.dropout_threshold = dropout_threshold;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const unsigned blocks = static_cast<unsigned>(x.size(0));
+  if (p.rank <= 16) {
+    if (dropout_seed) lora_decode_kernel<T, TW, 16, true><<<blocks, 256, 0, stream>>>(p);
+    else lora_decode_kernel<T, TW, 16, false><<<blocks, 256, 0, stream>>>(p);
+  } else {
+    if (dropout_seed) lora_decode_kernel<T, TW, 32, true><<<blocks, 256, 0, stream>>>(p);
+    else lora_decode_kernel<T, TW, 32, false><<<blocks, 256, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda
+}  // namespace lora_ext

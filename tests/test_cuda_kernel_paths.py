@@ -1,0 +1,57 @@
+"""The CUDA backend picks among several kernels by shape, rank, dtype and alignment (csrc/cuda/lora_steps.cuh,
+lora_decode.cuh). Each case here sits on one side of a boundary between them, and is checked against the
+float64 reference through test_ops' forward and backward checks: the fused decoding kernel (≤ 32 tokens,
+r % 8 == 0, r ≤ 32), the tensor-core shrink (≥ 512 tokens, with a tail of tokens % 16 rows on the general
+kernel), the tensor-core expand and token reduction (r % 8 == 0, r ≤ 64, widths % 8 == 0), and their
+float32-FMA fallbacks."""
+
+import pytest
+import torch
+
+from conftest import make_params, make_x, requires_cuda
+from test_ops import _check_backward
+
+pytestmark = requires_cuda
+
+# (tokens, in_features, out_features, rank)
+PATH_SHAPES = [
+    pytest.param((1, 256, 128, 8), id="decode-1tok-r8"),
+    pytest.param((16, 256, 136, 16), id="decode-16tok-r16"),
+    pytest.param((32, 264, 128, 24), id="decode-32tok-r24"),
+    pytest.param((32, 256, 128, 32), id="decode-32tok-r32"),
+    pytest.param((33, 256, 128, 16), id="general-33tok"),
+    pytest.param((16, 256, 128, 40), id="general-decode-r40"),
+    pytest.param((515, 192, 136, 16), id="wmma-tail3"),
+    pytest.param((512, 256, 128, 8), id="wmma-r8"),
+    pytest.param((530, 200, 72, 40), id="wmma-rpad64"),
+    pytest.param((600, 256, 128, 64), id="wmma-r64"),
+    pytest.param((520, 256, 128, 3), id="fma-r3"),
+    pytest.param((520, 256, 67, 16), id="fma-expand-out67"),
+    pytest.param((520, 100, 128, 16), id="fma-in100"),
+]
+
+CUDA_DTYPES = [
+    pytest.param(torch.bfloat16, torch.bfloat16, id="bf16"),
+    pytest.param(torch.bfloat16, torch.float32, id="bf16-adapters_f32"),
+    pytest.param(torch.float16, torch.float16, id="f16"),
+    pytest.param(torch.float16, torch.float32, id="f16-adapters_f32"),
+]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("shape", PATH_SHAPES)
+@pytest.mark.parametrize("dtype,adapter_dtype", CUDA_DTYPES)
+def test_kernel_path_forward_backward(dtype, adapter_dtype, shape, dropout_p):
+    tokens, in_features, out_features, rank = shape
+    x = make_x(tokens, in_features, dtype, "cuda")
+    params = make_params(in_features, out_features, rank, dtype, adapter_dtype, "cuda")
+    _check_backward(x, *params, dropout_p)
+
+
+@pytest.mark.parametrize("layout", ["offset", "strided", "transposed"])
+@pytest.mark.parametrize("tokens", [16, 600], ids=["decode", "wmma"])
+def test_kernel_path_unaligned_or_strided_x(layout, tokens):
+    """Views whose rows are not 16-byte aligned must take the general kernels and stay exact."""
+    x = make_x(tokens, 256, torch.bfloat16, "cuda", layout)
+    params = make_params(256, 128, 16, torch.bfloat16, torch.bfloat16, "cuda")
+    _check_backward(x, *params, 0.3)

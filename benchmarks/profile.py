@@ -20,6 +20,8 @@ def main():
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--what", choices=["train", "merge"], default="train",
+                        help="a training step (forward+backward), or merge()+unmerge() of the layer")
     args = parser.parse_args()
     if not (torch.cuda.is_available() and lora_ext.cuda_kernels_available()):
         raise SystemExit("profile.py needs a GPU and a CUDA build of lora_ext")
@@ -32,23 +34,29 @@ def main():
     x = torch.randn(args.tokens, args.features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad_y = torch.randn(args.tokens, args.features, device="cuda", dtype=torch.bfloat16)
 
-    def step():
+    def train_step():
         layer(x).backward(grad_y)
         x.grad = None
         layer.lora_A.grad = None
         layer.lora_B.grad = None
+
+    def merge_step():
+        layer.merge()
+        layer.unmerge()
+
+    step = train_step if args.what == "train" else merge_step
 
     for _ in range(5):
         step()
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
     for _ in range(args.steps):
-        torch.cuda.nvtx.range_push("train_step")
+        torch.cuda.nvtx.range_push(args.what)
         step()
         torch.cuda.nvtx.range_pop()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
-    print(f"profiled {args.steps} training steps")
+    print(f"profiled {args.steps} steps of {args.what}")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,16 @@ Every case runs the three implementations in one process on the same random inpu
 plus the memory each holds for backward. Runs on whatever GPU is there (bf16), or on the CPU (float32,
 small sizes) when there is none. No assertions: RESULTS.md records what it printed.
 """
+import os
+import sys
+
+# This folder holds profile.py, which would shadow the standard library's `profile` module that
+# transformers (imported by PEFT) loads: keep the script's own folder off the import path.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
 import argparse
 import copy
 import json
-import math
-import os
 import platform
 import subprocess
 import time
@@ -139,10 +144,15 @@ def run_merge_case(dtype, device, size=4096, rank=16):
         layer.merge()
         layer.unmerge()
 
+    def merge_unmerge_ops():  # the kernels alone, without LoRALinear's NaN/Inf check of A and B
+        lora_ext.ops.merge_(weight, layer.lora_A, layer.lora_B, layer.scaling)
+        lora_ext.ops.unmerge_(weight, layer.lora_A, layer.lora_B, layer.scaling)
+
     clone_ms = median_ms(lambda: weight.clone(), device)
     pair_ms = median_ms(merge_unmerge, device)
-    row = {"case": f"merge {size}x{size} r={rank}", "mode": "merge", "ms": {"W.clone()": clone_ms,
-                                                                          "lora_ext": pair_ms / 2}}
+    ops_pair_ms = median_ms(merge_unmerge_ops, device)
+    row = {"case": f"merge {size}x{size} r={rank}", "mode": "merge",
+           "ms": {"W.clone()": clone_ms, "lora_ext": pair_ms / 2, "lora_ext ops": ops_pair_ms / 2}}
     if peft is not None:
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"])
         base = nn.Linear(size, size, device=device, dtype=dtype)
@@ -241,7 +251,7 @@ def main():
     print_row(rows[-1])
 
     print("\nSummary (time / frozen base layer; merge: time / W.clone())")
-    print(f"{'case':28s} {'lora_ext':>9s} {'peft':>9s} {'held MB ours/peft':>18s}")
+    print(f"{'case':28s} {'lora_ext':>9s} {'peft':>9s} {'held MB ours/peft':>18s}  (merge: ops alone {rows[-1]['ratio']['lora_ext ops']:.3f})")
     for row in rows:
         held = row.get("held_mb", {})
         held_text = f"{held.get('lora_ext', float('nan')):.1f}/{held.get('peft', float('nan')):.1f}" if held else ""

@@ -6,6 +6,13 @@ Builds one LoRALinear (bf16, in=out=4096, r=16, dropout 0.05), warms it up outsi
 --steps forward+backward steps between torch.cuda.profiler.start() and stop(), each inside an NVTX range
 "train_step", so the report holds only steady-state work.
 """
+import os
+import sys
+
+# This folder holds profile.py, which would shadow the standard library's `profile` module that
+# transformers (imported by PEFT) loads: keep the script's own folder off the import path.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
 import argparse
 
 import torch

@@ -56,14 +56,6 @@ inline void check_dropout(double dropout_p, const c10::optional<at::Tensor>& dro
   }
 }
 
-inline void check_dropout_mask_inputs(const at::Tensor& dropout_seed, int64_t rows, int64_t cols, double dropout_p,
-                                      const char* op) {
-  LORA_CHECK(rows >= 0 && cols >= 0, op, ": rows and cols must be >= 0, got ", rows, " and ", cols);
-  LORA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  LORA_CHECK(dropout_seed.scalar_type() == at::kLong && dropout_seed.numel() == 1, op,
-             ": dropout_seed must be an int64 tensor with one element");
-}
-
 // x (tokens, in), weight (out, in), bias (out) or None, lora_A (r, in), lora_B (out, r).
 inline LoraDims check_lora_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                   const at::Tensor& lora_A, const at::Tensor& lora_B, const char* op) {

@@ -1,13 +1,13 @@
 // CPU fallback: the same operators as csrc/cuda/, built from ATen's BLAS for the matrix products
 // and the shared Philox mask (csrc/dropout_mask.h) for dropout. The low-rank part runs in the
 // accumulation type (float32, or float64 for float64 inputs) and is rounded once into the output.
+#include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
-#include "../error_message.h"
 #include "../checks.h"
 #include "../dropout_mask.h"
 
@@ -116,7 +116,10 @@ void unmerge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor&
 
 at::Tensor dropout_keep_mask_cpu(const at::Tensor& dropout_seed, int64_t rows, int64_t cols, double dropout_p) {
   const char* op = "lora_ext::dropout_keep_mask";
-  check_dropout_mask_inputs(dropout_seed, rows, cols, dropout_p, op);
+  LORA_CHECK(rows >= 0 && cols >= 0, op, ": rows and cols must be >= 0, got ", rows, " and ", cols);
+  LORA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  LORA_CHECK(dropout_seed.scalar_type() == at::kLong && dropout_seed.numel() == 1, op,
+              ": dropout_seed must be an int64 tensor with one element");
   return scaled_keep_mask(static_cast<uint64_t>(dropout_seed.item<int64_t>()), rows, cols, dropout_p, at::kFloat) != 0;
 }
 

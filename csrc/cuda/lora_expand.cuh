@@ -11,11 +11,11 @@
 // float32, 16 ranks at a time. FLOPs: 2·M·N·r in float32 FMAs (r = 16 at 8192 × 4096: 1.1 GFLOP).
 #pragma once
 
+#include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-#include "../error_message.h"
 #include "../dropout_mask.h"
 
 namespace lora_ext {
@@ -143,33 +143,35 @@ __global__ void __launch_bounds__(256) lora_expand_add_kernel(const ExpandParams
   }
 }
 
-// The parameters of C += alpha · L·Rᵀ (· keep), shared by this kernel and the tensor-core one.
-inline ExpandParams make_expand_params(const at::Tensor& c, const at::Tensor& left, const at::Tensor& right,
-                                       double alpha, const int64_t* dropout_seed, uint32_t dropout_threshold) {
-  ExpandParams p = make_expand_params(c, left, right, alpha, dropout_seed, dropout_threshold);
-  p.dropout_seed = dropout_seed;
-  p.dropout_threshold = dropout_threshold;
-  return p;
-}
-
-// The (row tiles, column tiles) launch grid for an M × N output, checked against CUDA's grid limits.
-inline dim3 expand_grid(int64_t m, int64_t n, int64_t tile_m, int64_t tile_n) {
-  const int64_t tiles_m = (m + tile_m - 1) / tile_m, tiles_n = (n + tile_n - 1) / tile_n;
-  LORA_CHECK(tiles_n <= 65535, "lora_ext: output too wide for the launch grid (", n, " columns)");
-  LORA_CHECK(tiles_m <= std::numeric_limits<int32_t>::max(), "lora_ext: too many rows (", m, ")");
-  return dim3(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n));
-}
-
 // C += alpha · L·Rᵀ (· keep). c: (M × N) of any strides; left: (M × r); right: (N × r).
 template <typename TL, typename TR, typename TC, bool DROPOUT>
 void expand_add(const at::Tensor& c, const at::Tensor& left, const at::Tensor& right, double alpha,
                 const int64_t* dropout_seed = nullptr, uint32_t dropout_threshold = 0) {
   using namespace expand_detail;
-  ExpandParams p = make_expand_params(c, left, right, alpha, dropout_seed, dropout_threshold);
+  ExpandParams p{};
+  p.left = left.data_ptr();
+  p.left_stride_m = left.stride(0);
+  p.left_stride_j = left.stride(1);
+  p.right = right.data_ptr();
+  p.right_stride_n = right.stride(0);
+  p.right_stride_j = right.stride(1);
+  p.out = c.data_ptr();
+  p.out_stride_m = c.stride(0);
+  p.out_stride_n = c.stride(1);
+  p.m = c.size(0);
+  p.n = c.size(1);
+  p.rank = left.size(1);
+  p.alpha = static_cast<float>(alpha);
+  const int64_t elements_per_16_bytes = 16 / static_cast<int64_t>(sizeof(TC));
   p.out_vectorizable = p.out_stride_n == 1 && (p.m <= 1 || p.out_stride_m % 8 == 0) &&
-                       reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
+                       reinterpret_cast<uintptr_t>(p.out) % 16 == 0 && elements_per_16_bytes <= 8;
+  p.dropout_seed = dropout_seed;
+  p.dropout_threshold = dropout_threshold;
   if (p.m == 0 || p.n == 0) return;
-  const dim3 grid = expand_grid(p.m, p.n, kTileM, kTileN);
+  const int64_t tiles_m = (p.m + kTileM - 1) / kTileM, tiles_n = (p.n + kTileN - 1) / kTileN;
+  LORA_CHECK(tiles_n <= 65535, "lora_ext: output too wide for the launch grid (", p.n, " columns)");
+  LORA_CHECK(tiles_m <= std::numeric_limits<int32_t>::max(), "lora_ext: too many rows (", p.m, ")");
+  const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n));
   lora_expand_add_kernel<TL, TR, TC, DROPOUT><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -9,12 +9,12 @@
 // adds them to the C values it loaded. Bytes: C read and written once; L and R once per tile (L2).
 #pragma once
 
+#include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <mma.h>
 
-#include "../error_message.h"
 #include "lora_expand.cuh"
 #include "wmma_tiles.cuh"
 
@@ -149,9 +149,27 @@ template <typename T, typename TL, typename TR, bool DROPOUT>
 void launch_expand_wmma(const at::Tensor& c, const at::Tensor& left, const at::Tensor& right, double alpha,
                         const int64_t* dropout_seed, uint32_t dropout_threshold) {
   using namespace expand_wmma_detail;
-  const ExpandParams p = make_expand_params(c, left, right, alpha, dropout_seed, dropout_threshold);
+  ExpandParams p{};
+  p.left = left.data_ptr();
+  p.left_stride_m = left.stride(0);
+  p.left_stride_j = left.stride(1);
+  p.right = right.data_ptr();
+  p.right_stride_n = right.stride(0);
+  p.right_stride_j = right.stride(1);
+  p.out = c.data_ptr();
+  p.out_stride_m = c.stride(0);
+  p.out_stride_n = c.stride(1);
+  p.m = c.size(0);
+  p.n = c.size(1);
+  p.rank = left.size(1);
+  p.alpha = static_cast<float>(alpha);
+  p.dropout_seed = dropout_seed;
+  p.dropout_threshold = dropout_threshold;
   if (p.m == 0 || p.n == 0) return;
-  const dim3 grid = expand_grid(p.m, p.n, kTile, kTile);
+  const int64_t tiles_m = (p.m + kTile - 1) / kTile, tiles_n = (p.n + kTile - 1) / kTile;
+  LORA_CHECK(tiles_n <= 65535, "lora_ext: output too wide for the launch grid (", p.n, " columns)");
+  LORA_CHECK(tiles_m <= std::numeric_limits<int32_t>::max(), "lora_ext: too many rows (", p.m, ")");
+  const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n));
   const bool rank_contiguous = right.stride(1) == 1 && (p.n <= 1 || right.stride(0) % 8 == 0);
   auto launch = [&](auto rpad_tag) {
     constexpr int RPAD = decltype(rpad_tag)::value;
@@ -162,7 +180,13 @@ void launch_expand_wmma(const at::Tensor& c, const at::Tensor& left, const at::T
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  dispatch_rank_pad(p.rank, launch);
+  if (p.rank <= 16) {
+    launch(std::integral_constant<int, 16>{});
+  } else if (p.rank <= 32) {
+    launch(std::integral_constant<int, 32>{});
+  } else {
+    launch(std::integral_constant<int, 64>{});
+  }
 }
 
 }  // namespace cuda

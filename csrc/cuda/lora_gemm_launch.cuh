@@ -3,13 +3,13 @@
 // and sum the float32 partials in a fixed order, so results are bit-for-bit repeatable.
 #pragma once
 
+#include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <limits>
 
-#include "../error_message.h"
 #include "lora_gemm.cuh"
 
 namespace lora_ext {

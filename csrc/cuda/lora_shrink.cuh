@@ -12,12 +12,12 @@
 // kernel otherwise, and for the last tokens % 16 rows.
 #pragma once
 
+#include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <mma.h>
 
-#include "../error_message.h"
 #include "wmma_tiles.cuh"
 
 namespace lora_ext {
@@ -192,7 +192,13 @@ void launch_shrink_wmma(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  dispatch_rank_pad(p.rank, launch);
+  if (p.rank <= 16) {
+    launch(std::integral_constant<int, 16>{});
+  } else if (p.rank <= 32) {
+    launch(std::integral_constant<int, 32>{});
+  } else {
+    launch(std::integral_constant<int, 64>{});
+  }
 }
 
 }  // namespace cuda

@@ -10,11 +10,11 @@
 // bit. Bytes: M read once; R read once per column slab; partials 4·splits·C·r.
 #pragma once
 
+#include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-#include "../error_message.h"
 #include "../dropout_mask.h"
 
 namespace lora_ext {

@@ -9,12 +9,12 @@
 // Bytes: M read once; R once per column tile; partials 4·splits·C·RPAD.
 #pragma once
 
+#include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <mma.h>
 
-#include "../error_message.h"
 #include "lora_token_reduce.cuh"
 #include "wmma_tiles.cuh"
 
@@ -163,7 +163,13 @@ void launch_token_reduce_wmma(at::Tensor& out, const at::Tensor& matrix, const a
     lora_token_reduce_wmma_kernel<T, RPAD, DROPOUT><<<grid, 128, 0, at::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  dispatch_rank_pad(rank, launch);
+  if (rpad == 16) {
+    launch(std::integral_constant<int, 16>{});
+  } else if (rpad == 32) {
+    launch(std::integral_constant<int, 32>{});
+  } else {
+    launch(std::integral_constant<int, 64>{});
+  }
   const at::Tensor summed = splits == 1 ? partials[0] : partials.sum(0);
   out.copy_(summed.narrow(0, 0, columns).narrow(1, 0, rank));
 }

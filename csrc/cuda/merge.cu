@@ -1,12 +1,12 @@
 // CUDA merge and unmerge, W ±= s·B·A in place, and the dropout keep mask as a tensor.
 // Merge is one expand-add pass over W (out × in, rank r; lora_expand.cuh): each element of W is read
 // and written once, the rank-r sum is accumulated in float32, and the result rounded once into W.
+#include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../error_message.h"
 #include "../checks.h"
 #include "lora_steps.cuh"
 #include "nvtx_range.h"
@@ -53,7 +53,10 @@ __global__ void dropout_keep_mask_kernel(bool* mask, const int64_t* seed, int64_
 
 at::Tensor dropout_keep_mask_cuda(const at::Tensor& dropout_seed, int64_t rows, int64_t cols, double dropout_p) {
   const char* op = "lora_ext::dropout_keep_mask";
-  check_dropout_mask_inputs(dropout_seed, rows, cols, dropout_p, op);
+  LORA_CHECK(rows >= 0 && cols >= 0, op, ": rows and cols must be >= 0, got ", rows, " and ", cols);
+  LORA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  LORA_CHECK(dropout_seed.scalar_type() == at::kLong && dropout_seed.numel() == 1, op,
+              ": dropout_seed must be an int64 tensor with one element");
   const c10::cuda::CUDAGuard device_guard(dropout_seed.device());
   at::Tensor mask = at::empty({rows, cols}, dropout_seed.options().dtype(at::kBool));
   if (mask.numel() == 0) return mask;

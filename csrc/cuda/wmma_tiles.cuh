@@ -8,8 +8,6 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
-#include <type_traits>
-
 #include "../dropout_mask.h"
 
 namespace lora_ext {
@@ -71,19 +69,6 @@ __device__ __forceinline__ uint4 apply_dropout8(uint4 bits, uint64_t seed, int64
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Calls launch(std::integral_constant<int, RPAD>{}) with the rank rounded up to 16, 32 or 64: the tile
-// widths the tensor-core kernels are compiled for (rank ≤ 64).
-template <typename Launch>
-void dispatch_rank_pad(int64_t rank, Launch&& launch) {
-  if (rank <= 16) {
-    launch(std::integral_constant<int, 16>{});
-  } else if (rank <= 32) {
-    launch(std::integral_constant<int, 32>{});
-  } else {
-    launch(std::integral_constant<int, 64>{});
-  }
-}
 
 }  // namespace cuda
 }  // namespace lora_ext

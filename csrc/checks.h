@@ -3,9 +3,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
 #include <string>
+#include <utility>
 
 #include "error_message.h"
 
@@ -40,6 +43,12 @@ inline void check_activation_dtype(const at::Tensor& x, const char* op) {
     LORA_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
                 ": on CPU, x must be float32, float64, bfloat16 or float16, got ", dtype);
   }
+}
+
+// scaling multiplies the low-rank term (and, in merge_/unmerge_, the update written into W in place):
+// NaN or ±inf would silently poison every output, or the weight.
+inline void check_scaling(double scaling, const char* op) {
+  LORA_CHECK(std::isfinite(scaling), op, ": scaling must be a finite number, got ", scaling);
 }
 
 inline void check_dropout(double dropout_p, const c10::optional<at::Tensor>& dropout_seed, const at::Tensor& x,
@@ -117,6 +126,25 @@ inline void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& lo
   check_same_device(lora_activation, "lora_activation", x, op);
 }
 
+// Whether a and b may share memory. at::get_overlap_status decides exactly for dense tensors; for strided
+// views of one storage it answers TooHard, and then intersecting address ranges count as sharing
+// (conservative: interleaved views such as buf[:, ::2] and buf[:, 1::2] are reported too).
+inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  const auto status = at::get_overlap_status(a, b);
+  if (status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial) return true;
+  if (status != at::MemOverlapStatus::TooHard || a.numel() == 0 || b.numel() == 0) return false;
+  if (!a.has_storage() || !b.has_storage() || !a.storage().is_alias_of(b.storage())) return false;
+  const auto range = [](const at::Tensor& t) {  // [first byte, one past the last byte] that t addresses
+    const char* first = static_cast<const char*>(t.data_ptr());
+    int64_t last_element = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last_element += (t.size(d) - 1) * t.stride(d);
+    return std::make_pair(first, first + (last_element + 1) * static_cast<int64_t>(t.element_size()));
+  };
+  const auto [a_first, a_end] = range(a);
+  const auto [b_first, b_end] = range(b);
+  return a_first < b_end && b_first < a_end;
+}
+
 // weight (out, in) updated in place by ±scaling·B·A.
 inline void check_merge_inputs(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                                const char* op) {
@@ -137,6 +165,15 @@ inline void check_merge_inputs(const at::Tensor& weight, const at::Tensor& lora_
               ") or float32");
   check_same_device(lora_A, "lora_A", weight, op, "weight");
   check_same_device(lora_B, "lora_B", weight, op, "weight");
+  // weight is written in place: each of its elements must own its memory (an expand()ed weight would be
+  // updated by several threads at once), and it must not share memory with the adapters it reads.
+  LORA_CHECK(at::has_internal_overlap(weight) != at::MemOverlap::Yes, op,
+              ": weight has elements that share memory (e.g. an expand()ed tensor) and is written in place; "
+              "pass weight.clone()");
+  LORA_CHECK(!may_share_memory(weight, lora_A), op,
+              ": weight and lora_A share memory; weight is written in place, so pass a copy of lora_A");
+  LORA_CHECK(!may_share_memory(weight, lora_B), op,
+              ": weight and lora_B share memory; weight is written in place, so pass a copy of lora_B");
 }
 
 }  // namespace lora_ext

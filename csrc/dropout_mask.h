@@ -35,7 +35,7 @@ C10_HOST_DEVICE inline PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint3
                                                  uint32_t k0, uint32_t k1) {
   constexpr uint32_t kMulA = 0xD2511F53u, kMulB = 0xCD9E8D57u;
   constexpr uint32_t kWeylA = 0x9E3779B9u, kWeylB = 0xBB67AE85u;
-#ifdef __CUDACC__
+#ifdef __CUDA_ARCH__  // device code only: g++ ignores (and -Wall flags) the pragma in the host pass
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
@@ -71,7 +71,7 @@ C10_HOST_DEVICE inline unsigned dropout_keep8(uint64_t seed, uint64_t row, uint6
                                           static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32),
                                           static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   unsigned keep = 0;
-#ifdef __CUDACC__
+#ifdef __CUDA_ARCH__  // device code only: g++ ignores (and -Wall flags) the pragma in the host pass
 #pragma unroll
 #endif
   for (int w = 0; w < 4; ++w) {

@@ -1,35 +1,26 @@
-"""LoRALinear: a frozen linear layer plus a trainable rank-r update, on lora_ext's kernels.
+"""LoRALinear: a frozen linear layer plus trainable rank-r updates (named adapters), on lora_ext's kernels.
 
 Parameter names follow PEFT's vocabulary (lora_A, lora_B, scaling, r, lora_alpha, lora_dropout) so users
-find them where they look; the forward is one call into lora_ext.ops."""
-import math
-from typing import Optional
+find them where they look. A layer holds one or more named adapters (`adapters`, a ModuleDict) and applies the
+active one; the forward is one call into lora_ext.ops."""
+import warnings
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-
-_INITS = ("kaiming", "gaussian")
-
-
-def _check_hyperparameters(r, alpha, dropout, init):
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"LoRALinear: r (the rank) must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"LoRALinear: alpha must be a finite number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout!r}")
-    if init not in _INITS:
-        raise ValueError(f"LoRALinear: init must be one of {_INITS}, got {init!r}")
+from .adapter import INITS, LoRAAdapter, check_adapter_name, check_hyperparameters, resolve_adapter_dtype
+from .exact_merge import MergeRecord, merge_with_record, unmerge_with_record
 
 
 class LoRALinear(nn.Module):
     """y = x·Wᵀ + b + scaling · dropout(x)·Aᵀ·Bᵀ with W, b frozen and A (r × in), B (out × r) trainable.
 
     scaling = alpha / r, or alpha / sqrt(r) with use_rslora. B starts at zero, so a new layer computes
-    exactly its base layer. merge() folds the update into W (W += scaling·B·A) for a plain-linear forward.
+    exactly its base layer. merge() folds the active adapter into W (W += scaling·B·A) for a plain-linear
+    forward; unmerge() restores W bit for bit. More adapters: add_adapter(name, ...), set_adapter(name).
     """
 
     def __init__(
@@ -44,15 +35,20 @@ class LoRALinear(nn.Module):
         init: str = "kaiming",
         device=None,
         dtype=None,
+        adapter_name: str = "default",
+        adapter_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        _check_hyperparameters(r, alpha, dropout, init)
+        check_hyperparameters(r, alpha, dropout, init)
+        check_adapter_name(adapter_name)
         if in_features < 1 or out_features < 1:
             raise ValueError(
                 f"LoRALinear: in_features and out_features must be >= 1, got {in_features} and {out_features}"
             )
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora, init)
+        resolve_adapter_dtype(base.weight.dtype, adapter_dtype)
+        self._setup_base(base.weight, base.bias)
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init, adapter_dtype)
 
     @classmethod
     def from_linear(
@@ -63,51 +59,140 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        adapter_name: str = "default",
+        adapter_dtype: Optional[torch.dtype] = None,
     ) -> "LoRALinear":
         """Wrap an existing nn.Linear: the new layer shares (and freezes) its weight and bias."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
-        _check_hyperparameters(r, alpha, dropout, init)
+        check_hyperparameters(r, alpha, dropout, init)
+        check_adapter_name(adapter_name)
+        resolve_adapter_dtype(linear.weight.dtype, adapter_dtype)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, init)
+        layer._setup_base(linear.weight, linear.bias)
+        layer.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init, adapter_dtype)
         return layer
 
-    def _setup(self, weight, bias, r, alpha, dropout, use_rslora, init):
+    def _setup_base(self, weight, bias):
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
-        self.r = r
-        self.lora_alpha = alpha
-        self.lora_dropout = float(dropout)
-        self.use_rslora = use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         weight.requires_grad_(False)
         self.weight = weight
         if bias is not None:
             bias.requires_grad_(False)
         self.bias = bias
-        factory = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
-        self._merged = False
-        self.reset_lora_parameters(init)
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self.adapters_enabled = True
+        self._merged_adapter: Optional[str] = None
+        self._merge_record: Optional[MergeRecord] = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Adapters
+    def add_adapter(
+        self,
+        name: str,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        adapter_dtype: Optional[torch.dtype] = None,
+    ) -> LoRAAdapter:
+        """Add a new adapter (B = 0, so it starts as the base layer). The first adapter becomes the active one."""
+        check_hyperparameters(r, alpha, dropout, init)
+        check_adapter_name(name)
+        if name in self.adapters:
+            raise ValueError(f"LoRALinear: an adapter named {name!r} exists already; delete_adapter({name!r}) first")
+        dtype = resolve_adapter_dtype(self.weight.dtype, adapter_dtype)
+        adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init,
+                              device=self.weight.device, dtype=dtype)
+        self.adapters[name] = adapter
+        if self.active_adapter is None:
+            self.active_adapter = name
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        self._require_adapter(name)
+        if self._merged_adapter == name:
+            self.unmerge()
+        del self.adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.adapters), None)
+
+    def set_adapter(self, name: str) -> None:
+        """Make `name` the adapter the forward applies (no copy of any weight). A merged adapter is unmerged first."""
+        self._require_adapter(name)
+        if name == self.active_adapter:
+            return
+        if self.merged:
+            warnings.warn(f"LoRALinear.set_adapter: unmerging adapter {self._merged_adapter!r} before switching")
+            self.unmerge()
+        self.active_adapter = name
+
+    def enable_adapters(self, enabled: bool = True) -> None:
+        """enabled=False makes the forward the plain base layer (a merged adapter is unmerged first)."""
+        if not enabled and self.merged:
+            self.unmerge()
+        self.adapters_enabled = bool(enabled)
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.adapters.keys())
+
+    def _require_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise KeyError(f"LoRALinear: no adapter named {name!r}; this layer has {self.adapter_names}")
+
+    def _active(self) -> LoRAAdapter:
+        if self.active_adapter is None:
+            raise RuntimeError("LoRALinear: the layer has no adapter; add_adapter() first")
+        return self.adapters[self.active_adapter]
+
+    # The active adapter's tensors and hyperparameters, under PEFT's names.
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self._active().lora_A
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self._active().lora_B
+
+    @property
+    def r(self) -> int:
+        return self._active().r
+
+    @property
+    def lora_alpha(self) -> float:
+        return self._active().lora_alpha
+
+    @property
+    def lora_dropout(self) -> float:
+        return self._active().lora_dropout
+
+    @property
+    def use_rslora(self) -> bool:
+        return self._active().use_rslora
+
+    @property
+    def scaling(self) -> float:
+        return self._active().scaling
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
-        """A as PEFT initialises it (kaiming-uniform, or N(0, 1/r) for "gaussian"); B = 0."""
-        if init not in _INITS:
-            raise ValueError(f"LoRALinear: init must be one of {_INITS}, got {init!r}")
-        if self._merged:
+        """Re-initialise the active adapter: A as PEFT does (kaiming-uniform, or N(0, 1/r)); B = 0."""
+        if init not in INITS:
+            raise ValueError(f"LoRALinear: init must be one of {INITS}, got {init!r}")
+        if self.merged:
             raise RuntimeError("LoRALinear: unmerge() before resetting the adapter")
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        else:
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-        nn.init.zeros_(self.lora_B)
+        self._active().reset_parameters(init)
 
+    # ----------------------------------------------------------------------------------------------------------
+    # Merging
     @property
     def merged(self) -> bool:
-        return self._merged
+        return self._merged_adapter is not None
 
     def _check_adapter_finite(self, action: str) -> None:
         # One device-to-host read for both factors: merge's cost is a pass over W, and a sync each would double it.
@@ -117,23 +202,55 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W += scaling·B·A in place; the forward becomes one plain linear."""
-        if self._merged:
-            raise RuntimeError("LoRALinear.merge: the adapter is already merged; call unmerge() first")
+        """W += scaling·B·A in place for the active adapter; the forward becomes one plain linear.
+
+        Atomic: on NaN/Inf in the adapter, or a delta that overflows W's dtype, W is left unchanged.
+        Keeps a small record so that unmerge() restores W bit for bit (lora_ext/exact_merge.py)."""
+        if self.merged:
+            raise RuntimeError(
+                f"LoRALinear.merge: adapter {self._merged_adapter!r} is already merged; call unmerge() first"
+            )
+        if not self.adapters_enabled:
+            raise RuntimeError("LoRALinear.merge: adapters are disabled; enable_adapters() first")
         self._check_adapter_finite("merge")
-        ops.merge_(self.weight, self.lora_A, self.lora_B, self.scaling)
-        self._merged = True
+        self._merge_record = merge_with_record(self.weight, self.lora_A, self.lora_B, self.scaling)
+        self._merged_adapter = self.active_adapter
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W -= scaling·B·A in place, undoing merge()."""
-        if not self._merged:
+        """Undo merge(): W is restored bit for bit (unless the adapter was edited while merged: then
+        W -= scaling·B·A with the edited adapter, and a warning says the result is not bit-exact)."""
+        if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
-        self._check_adapter_finite("unmerge")
-        ops.unmerge_(self.weight, self.lora_A, self.lora_B, self.scaling)
-        self._merged = False
+        adapter = self.adapters[self._merged_adapter]
+        record = self._merge_record
+        if record is not None and record.matches(adapter.lora_A, adapter.lora_B, adapter.scaling):
+            unmerge_with_record(self.weight, adapter.lora_A, adapter.lora_B, adapter.scaling, record)
+        else:
+            warnings.warn(
+                "LoRALinear.unmerge: the adapter changed while merged (or the layer was loaded merged); "
+                "subtracting the current adapter, which does not restore W bit for bit"
+            )
+            ops.unmerge_(self.weight, adapter.lora_A, adapter.lora_B, adapter.scaling)
+        self._merged_adapter = None
+        self._merge_record = None
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear computing what this layer computes (active adapter merged into the shared W)."""
+        if self.adapters_enabled and self.active_adapter is not None and not self.merged:
+            self.merge()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=self.weight.dtype)
+        linear.weight = self.weight
+        linear.bias = self.bias
+        self._merged_adapter = None  # W now belongs to the plain layer; this layer must not unmerge it
+        self._merge_record = None
+        return linear
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Forward
+    def _check_input(self, x: torch.Tensor, dtype: torch.dtype) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"LoRALinear: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0:
@@ -145,26 +262,53 @@ class LoRALinear(nn.Module):
             )
         if x.device != self.weight.device:
             raise ValueError(f"LoRALinear: input is on {x.device} but the layer's weight is on {self.weight.device}")
-        if x.dtype != self.weight.dtype:
+        if x.dtype != dtype:
             raise ValueError(
                 f"LoRALinear: input dtype {x.dtype} does not match the layer's weight dtype {self.weight.dtype}"
             )
 
+    def _autocast_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
+        # Under torch.autocast, behave like nn.Linear: compute in the autocast dtype.
+        device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                return torch.get_autocast_dtype(device_type)
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if self._merged:
-            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
-                raise RuntimeError(
-                    "LoRALinear: the adapter is merged into the weight, so training it would update nothing; "
-                    "call unmerge() before training (or layer.eval() for inference)"
-                )
+        autocast_dtype = self._autocast_dtype(x)
+        self._check_input(x, self.weight.dtype if autocast_dtype is None else x.dtype)
+        use_adapter = self.adapters_enabled and self.active_adapter is not None
+        if self.merged and self.training and torch.is_grad_enabled() and (
+            self.lora_A.requires_grad or self.lora_B.requires_grad
+        ):
+            raise RuntimeError(
+                "LoRALinear: the adapter is merged into the weight, so training it would update nothing; "
+                "call unmerge() before training (or layer.eval() for inference)"
+            )
+        if self.merged or not use_adapter:
             return F.linear(x, self.weight, self.bias)
-        dropout_p = self.lora_dropout if self.training else 0.0
-        return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, dropout_p)
+        adapter = self._active()
+        dropout_p = adapter.lora_dropout if self.training else 0.0
+        if autocast_dtype is None:
+            return ops.lora_linear(x, self.weight, self.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
+                                   dropout_p)
+        return self._autocast_forward(x, adapter, autocast_dtype, dropout_p)
+
+    def _autocast_forward(self, x, adapter, dtype, dropout_p):
+        # As autocast does for nn.Linear: x, W and b in the autocast dtype; float32 adapters stay float32 (the
+        # kernels take them on a 16-bit base), others follow the autocast dtype. The kernels must not be
+        # re-autocast from inside, hence autocast off around the call.
+        lora_A, lora_B = adapter.lora_A, adapter.lora_B
+        if lora_A.dtype != torch.float32:
+            lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return ops.lora_linear(x.to(dtype), self.weight.to(dtype), bias, lora_A, lora_B, adapter.scaling,
+                                   dropout_p)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
-            f"use_rslora={self.use_rslora}, merged={self._merged}"
+            f"active_adapter={self.active_adapter!r}, adapters_enabled={self.adapters_enabled}, merged={self.merged}"
         )

@@ -34,6 +34,14 @@ def new_dropout_seed(device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
+def _check_scaling(scaling, op: str) -> float:
+    """scaling as a float; a clear ValueError for NaN or ±inf (which would poison the output, or W in place)."""
+    value = float(scaling)
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: scaling must be a finite number, got {value}")
+    return value
+
+
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -42,6 +50,21 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 def _lora_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed):
     torch._check(x.dim() == 2, lambda: f"lora_forward: x must be 2-D, got {x.dim()}-D")
     torch._check(weight.shape[1] == x.shape[1], lambda: "lora_forward: weight must be (out_features, in_features)")
+    # The shape and device checks of csrc/checks.h that decide the output shapes, so that a bad call fails
+    # the same way under torch.compile (fake tensors) and on the meta device as it does eagerly.
+    torch._check(
+        lora_A.dim() == 2 and lora_A.shape[1] == x.shape[1],
+        lambda: f"lora_forward: lora_A must have shape (r, in_features), got {tuple(lora_A.shape)}",
+    )
+    torch._check(
+        lora_B.dim() == 2 and lora_B.shape[0] == weight.shape[0] and lora_B.shape[1] == lora_A.shape[0],
+        lambda: f"lora_forward: lora_B must have shape (out_features, r), got {tuple(lora_B.shape)}",
+    )
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        torch._check(
+            t is None or t.device == x.device,
+            lambda: f"lora_forward: {name} is on {t.device} but x is on {x.device}; move all inputs to one device",
+        )
     y = x.new_empty((x.shape[0], weight.shape[0]))
     lora_activation = x.new_empty((x.shape[0], lora_A.shape[0]), dtype=_accumulate_dtype(x.dtype))
     return y, lora_activation
@@ -118,16 +141,24 @@ def lora_linear(
     """y = x·Wᵀ + b + scaling · dropout(x)·Aᵀ·Bᵀ for x of any leading shape (..., in_features).
 
     With dropout_p > 0 and no dropout_seed, a seed is drawn from torch's generator."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"lora_linear: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
         raise ValueError("lora_linear: x must have at least one dimension (..., in_features), got a 0-dim tensor")
+    scaling = _check_scaling(scaling, "lora_linear")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:  # before a seed is drawn: a bad p leaves torch's generator untouched
+        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and dropout_seed is None:
         dropout_seed = new_dropout_seed(x.device)
     if dropout_p == 0:
         dropout_seed = None
     leading_shape = x.shape[:-1]
-    x_2d = x.reshape(-1, x.shape[-1])
+    # The token count is given, not inferred (-1): x of shape (..., 0) then reaches the operator's
+    # "at least one feature" check instead of reshape's ambiguous-size error.
+    x_2d = x.reshape(math.prod(leading_shape), x.shape[-1])
     y, _ = torch.ops.lora_ext.lora_forward(
-        x_2d, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), dropout_seed
+        x_2d, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed
     )
     return y.view(*leading_shape, y.shape[-1])
 
@@ -149,9 +180,9 @@ def dropout_keep_scale(dropout_p: float) -> float:
 
 def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
     """weight += scaling · lora_B · lora_A in place (float32 accumulation, one rounding)."""
-    torch.ops.lora_ext.merge_(weight, lora_A, lora_B, float(scaling))
+    torch.ops.lora_ext.merge_(weight, lora_A, lora_B, _check_scaling(scaling, "merge_"))
 
 
 def unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
     """weight -= scaling · lora_B · lora_A in place (float32 accumulation, one rounding)."""
-    torch.ops.lora_ext.unmerge_(weight, lora_A, lora_B, float(scaling))
+    torch.ops.lora_ext.unmerge_(weight, lora_A, lora_B, _check_scaling(scaling, "unmerge_"))

@@ -44,7 +44,7 @@ def test_construction(device, dtype):
     assert torch.count_nonzero(layer.lora_A) > 0
     assert not layer.merged
     trainable = {name for name, p in layer.named_parameters() if p.requires_grad}
-    assert trainable == {"lora_A", "lora_B"}
+    assert trainable == {"adapters.default.lora_A", "adapters.default.lora_B"}
 
 
 def test_defaults():
@@ -264,9 +264,10 @@ def test_from_linear_merge_writes_into_the_linear():
 def test_state_dict(bias):
     layer = _randomise_B(LoRALinear(16, 12, r=4, alpha=8, bias=bias))
     state = layer.state_dict()
-    expected = {"weight", "lora_A", "lora_B"} | ({"bias"} if bias else set())
+    expected = {"weight", "adapters.default.lora_A", "adapters.default.lora_B"} | ({"bias"} if bias else set())
     assert expected <= set(state)
-    assert torch.equal(state["lora_A"], layer.lora_A) and torch.equal(state["lora_B"], layer.lora_B)
+    assert torch.equal(state["adapters.default.lora_A"], layer.lora_A)
+    assert torch.equal(state["adapters.default.lora_B"], layer.lora_B)
 
     fresh = LoRALinear(16, 12, r=4, alpha=8, bias=bias)
     fresh.load_state_dict(state)

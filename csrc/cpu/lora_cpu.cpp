@@ -54,6 +54,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const a
   const char* op = "lora_ext::lora_forward";
   check_lora_inputs(x, weight, bias, lora_A, lora_B, op);
   check_dropout(dropout_p, dropout_seed, x, op);
+  check_scaling(scaling, op);
   const auto acc = accumulate_type(x.scalar_type());
 
   at::Tensor y = at::linear(x, weight, bias).contiguous();
@@ -72,6 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   const LoraDims dims = check_lora_inputs(x, weight, c10::nullopt, lora_A, lora_B, op);
   check_dropout(dropout_p, dropout_seed, x, op);
   check_backward_inputs(grad_y, lora_activation, dims, x, op);
+  check_scaling(scaling, op);
   const auto acc = accumulate_type(x.scalar_type());
   const auto adapter_dtype = lora_A.scalar_type();
 
@@ -100,6 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
 void merge_cpu_impl(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
                     const char* op) {
   check_merge_inputs(weight, lora_A, lora_B, op);
+  check_scaling(scaling, op);
   const auto acc = accumulate_type(weight.scalar_type());
   // W + s·B·A computed whole in the accumulation type, then rounded once into W.
   at::Tensor merged = at::addmm(weight.to(acc), lora_B.to(acc), lora_A.to(acc), /*beta=*/1, /*alpha=*/scaling);

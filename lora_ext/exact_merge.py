@@ -1,0 +1,153 @@
+"""Merge an adapter into W so that unmerge restores W bit for bit, and so that a failed merge leaves W untouched.
+
+Why a record is needed: merging rounds W + s·B·A to W's dtype, and unmerging rounds (W + s·B·A) − s·B·A again,
+so a plain unmerge can land one unit in the last place (ulp) away from the original value. PEFT, which also rounds
+the delta to bf16 first, changes 34% of a bf16 weight after 100 merge/unmerge round trips. We keep a compact
+record of exactly the elements a plain unmerge would get wrong: at merge time we run the unmerge kernel on a
+copy of the merged rows and compare with the original bits. Because both the merge and the unmerge kernels sum
+in float32 and round once, the mismatches are rare (elements whose merged value crossed a power of two, or
+rounding ties), so the record is a short list of (index, original value) pairs — a few hundred bytes to a few
+KB for a 4096×4096 layer with a typical adapter (docs/reliability.md has measurements). If a chunk has many
+mismatches (an adapter whose delta dwarfs W), that chunk's original rows are kept whole instead; the record never
+exceeds one copy of W.
+
+The merge works through W in row chunks of at most _CHUNK_BYTES so its temporary memory stays small, and it is
+atomic: if a merged chunk holds NaN/Inf where W did not (the delta overflowed, or the adapter holds NaN/Inf), the
+chunks merged so far are restored from their records and a ValueError is raised with W exactly as it was.
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import ops
+
+# Rows are merged in chunks of about this many bytes of W: bounds the two temporary copies a chunk needs.
+_CHUNK_BYTES = 16 << 20
+# A chunk with more mismatches than this fraction of its elements keeps its original rows whole: a sparse entry
+# costs an int64 index plus the value, so past ~1/5 of the elements the dense copy is smaller.
+_DENSE_FRACTION = 0.2
+
+_BITS_DTYPE = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
+
+
+@dataclass
+class _ChunkRecord:
+    row_start: int
+    row_end: int
+    flat_indices: Optional[torch.Tensor] = None  # int64 indices into the chunk's flattened rows (sparse form)
+    original_values: Optional[torch.Tensor] = None  # W's original values there, or the whole chunk (dense form)
+
+    @property
+    def dense(self) -> bool:
+        return self.flat_indices is None
+
+    def nbytes(self) -> int:
+        tensors = [t for t in (self.flat_indices, self.original_values) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class MergeRecord:
+    """What unmerge needs to restore W bit for bit: the per-chunk corrections and a fingerprint of the
+    adapter (tensor version counters and the scaling) so that an adapter edited while merged is detected."""
+
+    chunks: List[_ChunkRecord] = field(default_factory=list)
+    adapter_versions: Tuple[int, int] = (0, 0)
+    scaling: float = 0.0
+
+    def nbytes(self) -> int:
+        """Memory the record holds (bytes)."""
+        return sum(chunk.nbytes() for chunk in self.chunks)
+
+    def corrected_elements(self) -> int:
+        return sum(c.original_values.numel() for c in self.chunks if c.original_values is not None)
+
+    def matches(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> bool:
+        return self.adapter_versions == (lora_A._version, lora_B._version) and self.scaling == scaling
+
+
+def _empty_like_aligned(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous tensor like t whose address has the same alignment modulo 256 bytes, so the
+    kernels pick the same (vectorised or not) code path for it as for t and round the same way."""
+    element = t.element_size()
+    misalignment = (t.data_ptr() % 256) // element
+    storage = torch.empty(t.numel() + 256 // element, dtype=t.dtype, device=t.device)
+    shift = (misalignment - storage.data_ptr() % 256 // element) % (256 // element)
+    return storage[shift:shift + t.numel()].view(t.shape)
+
+
+def _row_chunks(weight: torch.Tensor):
+    rows = weight.shape[0]
+    row_bytes = max(1, weight.shape[1] * weight.element_size())
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _restore_chunk(weight_rows: torch.Tensor, chunk: _ChunkRecord) -> None:
+    if chunk.dense:
+        weight_rows.copy_(chunk.original_values)
+    elif chunk.flat_indices.numel():
+        weight_rows.view(-1).index_copy_(0, chunk.flat_indices, chunk.original_values)
+
+
+def _check_mergeable(weight: torch.Tensor) -> None:
+    if weight.dtype not in _BITS_DTYPE:
+        raise TypeError(f"merge: the weight must be float16, bfloat16, float32 or float64, got {weight.dtype}")
+    if not weight.is_contiguous():
+        raise ValueError("merge: the weight must be contiguous for an exact merge")
+
+
+@torch.no_grad()
+def merge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> MergeRecord:
+    """weight += scaling·B·A in place (lora_ext's merge kernel), returning the record that makes unmerge exact.
+
+    Raises ValueError, with weight unchanged, if the merged weight would hold NaN/Inf where the original did not."""
+    _check_mergeable(weight)
+    bits = _BITS_DTYPE[weight.dtype]
+    record = MergeRecord(adapter_versions=(lora_A._version, lora_B._version), scaling=float(scaling))
+    for start, end in _row_chunks(weight):
+        rows = weight[start:end]
+        original = rows.clone()
+        ops.merge_(rows, lora_A, lora_B[start:end], scaling)
+        # Predict what unmerge will give, on a copy aligned like the rows (same kernel path, same rounding).
+        predicted = _empty_like_aligned(rows)
+        predicted.copy_(rows)
+        ops.unmerge_(predicted, lora_A, lora_B[start:end], scaling)
+        mismatch = predicted.view(bits) != original.view(bits)
+        became_non_finite = ~torch.isfinite(rows) & torch.isfinite(original)
+        del predicted
+        flat_indices = torch.nonzero(mismatch.view(-1)).view(-1)
+        if bool(became_non_finite.any()):
+            rows.copy_(original)
+            unmerge_with_record(weight, lora_A, lora_B, scaling, record)
+            raise ValueError(
+                "merge: the merged weight would hold NaN or Inf (the adapter holds NaN/Inf, or scaling·B·A "
+                f"overflows {weight.dtype}); the weight was left unchanged"
+            )
+        if flat_indices.numel() > _DENSE_FRACTION * rows.numel():
+            record.chunks.append(_ChunkRecord(start, end, None, original))
+        else:
+            record.chunks.append(_ChunkRecord(start, end, flat_indices, original.view(-1)[flat_indices]))
+    return record
+
+
+@torch.no_grad()
+def unmerge_with_record(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, record: MergeRecord
+) -> None:
+    """Undo merge_with_record: weight -= scaling·B·A, then put back the elements the record says would be off,
+    for the chunks the record covers (all of them after a completed merge)."""
+    for chunk in record.chunks:
+        rows = weight[chunk.row_start:chunk.row_end]
+        if chunk.dense:
+            rows.copy_(chunk.original_values)
+            continue
+        ops.unmerge_(rows, lora_A, lora_B[chunk.row_start:chunk.row_end], scaling)
+        _restore_chunk(rows, chunk)

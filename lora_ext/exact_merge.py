@@ -146,8 +146,6 @@ def unmerge_with_record(
     for the chunks the record covers (all of them after a completed merge)."""
     for chunk in record.chunks:
         rows = weight[chunk.row_start:chunk.row_end]
-        if chunk.dense:
-            rows.copy_(chunk.original_values)
-            continue
-        ops.unmerge_(rows, lora_A, lora_B[chunk.row_start:chunk.row_end], scaling)
+        if not chunk.dense:  # a dense chunk holds the original rows whole: no kernel needed
+            ops.unmerge_(rows, lora_A, lora_B[chunk.row_start:chunk.row_end], scaling)
         _restore_chunk(rows, chunk)

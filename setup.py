@@ -89,14 +89,18 @@ def make_extension():
     from torch.utils import cpp_extension
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3"]
+    # Our code builds warning-free under -Wall -Wextra; torch's and CUDA's headers are passed again as
+    # system includes (-isystem wins over the -I torch adds for the same folders), which silences only them.
+    torch_includes = cpp_extension.include_paths()
+    cxx_flags = ["-O3", "-Wall", "-Wextra", *[f"-isystem{path}" for path in torch_includes]]
     if reason is not None:
         warn(f"building the CPU kernels only ({reason}); lora_ext will run on the CPU.")
         return cpp_extension.CppExtension("lora_ext._C", sources, extra_compile_args={"cxx": cxx_flags})
     print(f"lora_ext setup: building CPU and CUDA kernels (CUDA_HOME={os.environ['CUDA_HOME']}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})", file=sys.stderr)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-Wall,-Wextra"]
+    nvcc_flags += [arg for path in torch_includes for arg in ("-isystem", path)]
     extension = cpp_extension.CUDAExtension(
         "lora_ext._C",
         sources,

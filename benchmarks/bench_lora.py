@@ -68,12 +68,13 @@ def make_layers(in_features, out_features, rank, dropout, dtype, adapter_dtype, 
     base.bias.requires_grad_(False)
     layers = {"base": base}
 
-    ours = lora_ext.LoRALinear.from_linear(copy.deepcopy(base), r=rank, alpha=2 * rank, dropout=dropout)
+    ours = lora_ext.LoRALinear.from_linear(copy.deepcopy(base), r=rank, alpha=2 * rank, dropout=dropout,
+                                           adapter_dtype=adapter_dtype)
     with torch.no_grad():  # random B (never zeros), same values in every implementation
         lora_B = torch.randn(out_features, rank, device=device) * 0.01
         lora_A = ours.lora_A.detach().float().clone()
-    ours.lora_A = nn.Parameter(lora_A.to(adapter_dtype))
-    ours.lora_B = nn.Parameter(lora_B.to(adapter_dtype))
+        ours.lora_A.copy_(lora_A)
+        ours.lora_B.copy_(lora_B)
     layers["lora_ext"] = ours
 
     if peft is not None:

@@ -20,7 +20,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 start=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1
 build_rc=$?
-echo "build rc=$build_rc in $(( $(date +%s) - start )) s"
+build_warnings=$(grep -E "warning" "$OUT/build.log" | grep -vc "byte-compiling" || true)
+echo "build rc=$build_rc in $(( $(date +%s) - start )) s, $build_warnings compiler warnings (-Wall -Wextra)"
 if [ $build_rc -ne 0 ]; then grep -B3 -A12 -i "error" "$OUT/build.log" | head -120; exit 1; fi
 python3 -c "import lora_ext; assert lora_ext.cuda_kernels_available(); print('CUDA kernels registered')"
 
@@ -37,5 +38,6 @@ fi
 
 echo
 echo "===== summary: commit $commit on $(head -1 "$OUT/gpu.txt") ====="
+echo "build: $build_warnings compiler warnings"
 echo "pytest: $test_summary"
 [ $run_bench -eq 1 ] && sed -n '/^Summary/,$p' "$OUT/bench.log"

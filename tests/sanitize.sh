@@ -46,12 +46,12 @@ python3 -c "import torch, lora_ext, sys; sys.exit(0 if torch.cuda.is_available()
   || { echo "sanitize.sh: needs a CUDA device and lora_ext built with its CUDA kernels"; exit 2; }
 
 if [ $full -eq 1 ]; then
-  selection=(tests -k "cuda")
+  selection=(tests -k "cuda and not huge")
 else
   selection=(
     tests/test_cuda_kernel_paths.py tests/test_ops.py tests/test_dropout.py tests/test_determinism.py
-    tests/test_op_errors_table.py tests/test_fuzz.py
-    -k "${SANITIZE_K:-(kernel_path and bf16) or (cuda and not large and not -f16- and not keep_fraction and (primes or zero_tokens or odd_tiles or r256 or merge or mask or repeat or bad_input or fuzz))}"
+    tests/test_op_errors_table.py tests/test_fuzz.py tests/test_cuda_streams_graphs.py
+    -k "${SANITIZE_K:-(kernel_path and bf16) or (cuda and not large and not -f16- and not keep_fraction and (primes or zero_tokens or odd_tiles or r256 or merge or mask or repeat or bad_input or fuzz or side_stream or cuda_graph))}"
   )
 fi
 

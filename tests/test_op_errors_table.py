@@ -109,14 +109,12 @@ def _f(shape, device, dtype=torch.float32):
 
 
 NONFINITE = [("nan", math.nan), ("inf", math.inf), ("-inf", -math.inf)]
-SCALING_XFAIL = "check_scaling is not yet called by csrc/cuda/*.cu (see docs/reliability.md)"
 
 CASES = []
 
 # ---- lora_forward ----------------------------------------------------------------------------------------
 for name, value in NONFINITE:
-    CASES.append(Case(f"forward-scaling-{name}", lambda d, v=value: _fwd(d, scaling=v), r"scaling.*finite",
-                      cuda_xfail=SCALING_XFAIL))
+    CASES.append(Case(f"forward-scaling-{name}", lambda d, v=value: _fwd(d, scaling=v), r"scaling.*finite"))
 CASES += [
     Case("forward-dropout_p-nan", lambda d: _fwd(d, p=math.nan, seed=seed_tensor(1, d)), r"dropout_p"),
     Case("forward-seed-int32", lambda d: _fwd(d, p=0.5, seed=torch.tensor([1], dtype=torch.int32, device=d)),
@@ -148,8 +146,7 @@ CASES += [
 
 # ---- lora_backward ---------------------------------------------------------------------------------------
 for name, value in NONFINITE:
-    CASES.append(Case(f"backward-scaling-{name}", lambda d, v=value: _bwd(d, scaling=v), r"scaling.*finite",
-                      cuda_xfail=SCALING_XFAIL))
+    CASES.append(Case(f"backward-scaling-{name}", lambda d, v=value: _bwd(d, scaling=v), r"scaling.*finite"))
 CASES += [
     Case("backward-dropout_p-1", lambda d: _bwd(d, p=1.0, seed=seed_tensor(1, d)), r"dropout_p"),
     Case("backward-dropout_p-nan", lambda d: _bwd(d, p=math.nan, seed=seed_tensor(1, d)), r"dropout_p"),
@@ -181,7 +178,7 @@ for op_name in ("merge_", "unmerge_"):
     build = _merge(op_name)
     for name, value in NONFINITE:
         CASES.append(Case(f"{op_name}-scaling-{name}", lambda d, b=build, v=value: b(d, scaling=v),
-                          r"scaling.*finite", cuda_xfail=SCALING_XFAIL))
+                          r"scaling.*finite"))
     CASES += [
         Case(f"{op_name}-r0", lambda d, b=build: b(d, lora_A=_f((0, IN_F), d), lora_B=_f((OUT_F, 0), d)),
              r"lora_A.*r >= 1"),

@@ -21,6 +21,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     const c10::optional<at::Tensor>& dropout_seed, bool compute_grad_x) {
   const char* op = "lora_ext::lora_backward";
   const LoraDims dims = check_lora_inputs(x, weight, c10::nullopt, lora_A, lora_B, op);
+  check_scaling(scaling, op);
   check_dropout(dropout_p, dropout_seed, x, op);
   check_backward_inputs(grad_y, lora_activation, dims, x, op);
   const c10::cuda::CUDAGuard device_guard(x.device());

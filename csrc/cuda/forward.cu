@@ -22,6 +22,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
                                                      const c10::optional<at::Tensor>& dropout_seed) {
   const char* op = "lora_ext::lora_forward";
   const LoraDims dims = check_lora_inputs(x, weight, bias, lora_A, lora_B, op);
+  check_scaling(scaling, op);
   check_dropout(dropout_p, dropout_seed, x, op);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const NvtxRange range(op);

@@ -18,6 +18,7 @@ namespace {
 void merge_impl(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
                 const char* op) {
   check_merge_inputs(weight, lora_A, lora_B, op);
+  check_scaling(scaling, op);
   const c10::cuda::CUDAGuard device_guard(weight.device());
   const NvtxRange range(op);
   dispatch_activation_and_adapter(weight.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {

@@ -47,14 +47,7 @@ def _step(layer, x, grad_y):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_side_stream_matches_default_stream(dropout, adapter_dtype):
     layer = _layer(torch.bfloat16, dropout, adapter_dtype)
-    x = torch.randn(# Graph capture needs torch's caching allocator (tests/sanitize.sh turns it off so that memcheck sees every
-# allocation on its own; under it a capture fails in cudaMalloc, before reaching our code).
-requires_caching_allocator = pytest.mark.skipif(
-    os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") == "1",
-    reason="CUDA graph capture needs the caching allocator (PYTORCH_NO_CUDA_MEMORY_CACHING=1 is set)",
-)
-
-TOKENS, IN_F, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(TOKENS, IN_F, device="cuda", dtype=torch.bfloat16)
     grad_y = torch.randn(TOKENS, OUT_F, device="cuda", dtype=torch.bfloat16)
 
     torch.manual_seed(7)
@@ -96,14 +89,7 @@ def test_training_step_in_cuda_graph(dtype):
     graphed.load_state_dict(eager.state_dict())
     opt_eager = torch.optim.SGD(eager.parameters(), lr=0.05)
     opt_graphed = torch.optim.SGD(graphed.parameters(), lr=0.05)
-    inputs = [torch.randn(# Graph capture needs torch's caching allocator (tests/sanitize.sh turns it off so that memcheck sees every
-# allocation on its own; under it a capture fails in cudaMalloc, before reaching our code).
-requires_caching_allocator = pytest.mark.skipif(
-    os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") == "1",
-    reason="CUDA graph capture needs the caching allocator (PYTORCH_NO_CUDA_MEMORY_CACHING=1 is set)",
-)
-
-TOKENS, IN_F, device="cuda", dtype=dtype) for _ in range(4)]
+    inputs = [torch.randn(TOKENS, IN_F, device="cuda", dtype=dtype) for _ in range(4)]
     targets = [torch.randn(TOKENS, OUT_F, device="cuda", dtype=dtype) for _ in range(4)]
 
     def step(layer, opt, x, target):
@@ -150,14 +136,7 @@ def test_dropout_in_cuda_graph_draws_fresh_masks_and_matches_reference():
     generator, which advances its graph-safe offset per replay), and each replay's output is the LoRA formula
     for the mask that the replay's seed gives."""
     layer = _layer(torch.float32, dropout=0.3)
-    x = torch.randn(# Graph capture needs torch's caching allocator (tests/sanitize.sh turns it off so that memcheck sees every
-# allocation on its own; under it a capture fails in cudaMalloc, before reaching our code).
-requires_caching_allocator = pytest.mark.skipif(
-    os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") == "1",
-    reason="CUDA graph capture needs the caching allocator (PYTORCH_NO_CUDA_MEMORY_CACHING=1 is set)",
-)
-
-TOKENS, IN_F, device="cuda")
+    x = torch.randn(TOKENS, IN_F, device="cuda")
     static_seed = lora_ext.ops.new_dropout_seed("cuda")
 
     def forward():
@@ -183,14 +162,7 @@ TOKENS, IN_F, device="cuda")
         outputs.append(static_y.clone())
     assert len(set(seeds)) == 3, f"replays reused a dropout seed: {seeds}"
     for seed, y in zip(seeds, outputs):
-        keep = lora_ext.ops.dropout_keep_mask(torch.tensor([seed], device="cuda"), # Graph capture needs torch's caching allocator (tests/sanitize.sh turns it off so that memcheck sees every
-# allocation on its own; under it a capture fails in cudaMalloc, before reaching our code).
-requires_caching_allocator = pytest.mark.skipif(
-    os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") == "1",
-    reason="CUDA graph capture needs the caching allocator (PYTORCH_NO_CUDA_MEMORY_CACHING=1 is set)",
-)
-
-TOKENS, IN_F, layer.lora_dropout)
+        keep = lora_ext.ops.dropout_keep_mask(torch.tensor([seed], device="cuda"), TOKENS, IN_F, layer.lora_dropout)
         ref = lora_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
                              layer.lora_dropout, keep)
         assert_rel_close(y, ref["y"], torch.float32, name=f"graph replay output (seed {seed})")

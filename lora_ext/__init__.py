@@ -1,5 +1,6 @@
 """lora_ext: fast, exact LoRA layers for PyTorch on hand-written CUDA and CPU kernels."""
 from . import ops
+from .adapter_io import AdapterLoadError, load_adapter, save_adapter
 from .layer import LoRALinear
 from .models import (
     count_parameters,
@@ -20,5 +21,6 @@ __all__ = [
     "LoRALinear", "ops", "cuda_kernels_available",
     "inject", "lora_layers", "count_parameters", "print_trainable_parameters", "merge", "unmerge",
     "merge_and_unload", "set_adapter", "delete_adapter", "disable_adapters", "enable_adapters",
+    "save_adapter", "load_adapter", "AdapterLoadError",
 ]
 __version__ = "0.1.0"

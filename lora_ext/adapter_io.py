@@ -294,6 +294,16 @@ def load_adapter(model: nn.Module, path, name: str = "default", trainable: bool 
     tensors = _read_tensors(path)
     weights_file = os.path.join(path, WEIGHTS_NAME)
 
+    # Which modules the config targets in this model.
+    try:
+        targeted = match_targets(model, settings["targets"], config_file, AdapterLoadError,
+                                 exclude=settings["exclude"])
+    except AdapterLoadError as error:
+        _fail(str(error))
+    if not targeted:
+        _fail(f"{config_file}: target_modules {settings['targets']!r} matches no module of this model "
+              f"({type(model).__name__}): an adapter for another base model?")
+
     # Which modules the file's tensors name.
     by_module: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -305,15 +315,6 @@ def load_adapter(model: nn.Module, path, name: str = "default", trainable: bool 
     if not by_module:
         _fail(f"{weights_file} holds no tensors")
 
-    # Which modules the config targets in this model.
-    try:
-        targeted = match_targets(model, settings["targets"], f"{config_file}: target_modules", AdapterLoadError,
-                                 exclude=settings["exclude"])
-    except AdapterLoadError as error:
-        _fail(str(error))
-    if not targeted:
-        _fail(f"{config_file}: target_modules {settings['targets']!r} matches no module of this model "
-              f"({type(model).__name__}): an adapter for another base model?")
     targeted_names = {n for n, _ in targeted}
     unexpected = [m for m in by_module if m not in targeted_names]
     if unexpected:

@@ -218,9 +218,12 @@ def merge(model: nn.Module) -> None:
         for name, layer in layers:
             layer.merge()
             done.append(layer)
-    except BaseException:
+    except BaseException as error:
         for layer in reversed(done):
             layer.unmerge()
+        if hasattr(error, "add_note"):  # Python 3.11+
+            error.add_note(f"lora_ext.merge: merging {name!r} failed; the {len(done)} layer(s) merged before it "
+                           "were unmerged, so the model is unchanged")
         raise
 
 

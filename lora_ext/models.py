@@ -143,9 +143,10 @@ def inject(
     check_adapter_name(adapter_name, where)
     matched = match_targets(model, target_modules, where)
     if not matched:
+        linears = [n for n, m in candidate_modules(model) if isinstance(m, nn.Linear)]
         raise ValueError(
-            f"{where}: target_modules {target_modules!r} matches no module of the model "
-            f"({type(model).__name__}); linear layers: {[n for n, m in candidate_modules(model) if isinstance(m, nn.Linear)][:20]}"
+            f"{where}: target_modules {target_modules!r} matches no module of the model ({type(model).__name__}); "
+            f"its linear layers: {linears[:20]}{' ...' if len(linears) > 20 else ''}"
         )
     for name, module in matched:
         if isinstance(module, LoRALinear) and adapter_name in module.adapters:

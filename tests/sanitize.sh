@@ -62,7 +62,7 @@ export PYTORCH_NO_CUDA_MEMORY_CACHING=1 LORA_EXT_FUZZ_EXAMPLES=${LORA_EXT_FUZZ_E
 declare -A extra=(
   [memcheck]="--leak-check no"
   [racecheck]="--racecheck-report hazard"
-  [initcheck]="--track-unused-memory no"
+  [initcheck]=""
   [synccheck]=""
 )
 

@@ -22,6 +22,16 @@ TORCH_LIBRARY(lora_ext, m) {
   // float32 (float64 for float64 weights) and rounded once.
   m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()");
   m.def("unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()");
+  // Multi-adapter batches (inference): each token names its adapter. x (tokens, in); lora_A_stack (n, r_max, in)
+  // and lora_B_stack (n, out, r_max) hold n adapters, those of rank r < r_max zero-padded (A rows r.., B columns
+  // r..), so the padding adds exactly zero; scalings (n,) float32 (or float64) per adapter (alpha / r);
+  // adapter_ids (tokens,) int64 or int32, -1 = the base layer alone. y[t] = x[t]·Wᵀ + b
+  // + scalings[a]·(x[t]·A[a]ᵀ)·B[a]ᵀ, a = adapter_ids[t]; the low-rank term accumulated in float32 (float64 for
+  // float64 x) and rounded once into y, as lora_forward does. On CPU, ids outside [-1, n) are an error raised
+  // before anything is written; on CUDA (no host-device sync) they are treated as -1. No autograd formula.
+  m.def(
+      "multi_lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A_stack, Tensor lora_B_stack, "
+      "Tensor scalings, Tensor adapter_ids) -> Tensor y");
   // The boolean keep mask (rows, cols) that the kernels draw for dropout_seed; for tests and inspection.
   m.def("dropout_keep_mask(Tensor dropout_seed, int rows, int cols, float dropout_p) -> Tensor");
 }

@@ -13,6 +13,7 @@ from torch import nn
 from . import ops
 from .adapter import INITS, LoRAAdapter, check_adapter_name, check_hyperparameters, resolve_adapter_dtype
 from .exact_merge import MergeRecord, merge_with_record, unmerge_with_record
+from .multi_adapter import AdapterStack, multi_lora_linear
 
 
 class LoRALinear(nn.Module):
@@ -87,6 +88,8 @@ class LoRALinear(nn.Module):
         self.adapters_enabled = True
         self._merged_adapter: Optional[str] = None
         self._merge_record: Optional[MergeRecord] = None
+        self._adapter_stack: Optional[AdapterStack] = None  # stacked adapters for mixed batches (multi_adapter.py)
+        self._mixed_ids: Optional[torch.Tensor] = None  # per-row slot ids, set by lora_ext.mixed_adapters
 
     # ----------------------------------------------------------------------------------------------------------
     # Adapters
@@ -111,6 +114,8 @@ class LoRALinear(nn.Module):
         self.adapters[name] = adapter
         if self.active_adapter is None:
             self.active_adapter = name
+        if getattr(self, "_adapter_stack", None) is not None:
+            self._adapter_stack.sync(self)  # writes the new adapter's slot only
         return adapter
 
     def delete_adapter(self, name: str) -> None:
@@ -120,6 +125,8 @@ class LoRALinear(nn.Module):
         del self.adapters[name]
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.adapters), None)
+        if getattr(self, "_adapter_stack", None) is not None:
+            self._adapter_stack.sync(self)  # zeroes and frees the adapter's slot only
 
     def set_adapter(self, name: str, missing_ok: bool = False) -> None:
         """Make `name` the adapter the forward applies (no copy of any weight). A merged adapter is unmerged first.
@@ -260,6 +267,32 @@ class LoRALinear(nn.Module):
         return linear
 
     # ----------------------------------------------------------------------------------------------------------
+    # Mixed-adapter batches (lora_ext/multi_adapter.py)
+    def adapter_stack(self, capacity: int = 8) -> AdapterStack:
+        """The stacked copies of this layer's adapters (created on first use with `capacity` slots), synced: only
+        slots whose adapter was added, deleted or edited in place since the last call are written."""
+        stack = getattr(self, "_adapter_stack", None)
+        if stack is None:
+            self._adapter_stack = AdapterStack(self, capacity)
+            return self._adapter_stack
+        return stack.sync(self)
+
+    def _mixed_forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            raise RuntimeError(
+                f"LoRALinear: adapter {self._merged_adapter!r} is merged into the weight; mixed-adapter batches "
+                "need unmerged adapters (unmerge() first)"
+            )
+        if self._autocast_dtype(x) is not None:
+            raise RuntimeError("LoRALinear: mixed-adapter batches do not support torch.autocast yet; run the model "
+                               "in its own dtype")
+        self._check_input(x, self.weight.dtype)
+        if not self.adapters_enabled:
+            return F.linear(x, self.weight, self.bias)
+        stack = self.adapter_stack()
+        return multi_lora_linear(x, self.weight, self.bias, stack.lora_A, stack.lora_B, stack.scalings, ids)
+
+    # ----------------------------------------------------------------------------------------------------------
     # Forward
     def _check_input(self, x: torch.Tensor, dtype: torch.dtype) -> None:
         if not isinstance(x, torch.Tensor):
@@ -287,6 +320,9 @@ class LoRALinear(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed_ids = getattr(self, "_mixed_ids", None)
+        if mixed_ids is not None:
+            return self._mixed_forward(x, mixed_ids)
         autocast_dtype = self._autocast_dtype(x)
         self._check_input(x, self.weight.dtype if autocast_dtype is None else x.dtype)
         use_adapter = self.adapters_enabled and self.active_adapter in self.adapters  # absent: the base alone

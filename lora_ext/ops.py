@@ -20,6 +20,7 @@ __all__ = [
     "merge_",
     "unmerge_",
     "cuda_kernels_available",
+    "multi_lora_linear",
 ]
 
 
@@ -186,3 +187,7 @@ def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
 def unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
     """weight -= scaling · lora_B · lora_A in place (float32 accumulation, one rounding)."""
     torch.ops.lora_ext.unmerge_(weight, lora_A, lora_B, _check_scaling(scaling, "unmerge_"))
+
+
+# Multi-adapter batches: the fake and CUDA-composite implementations of multi_lora_forward register on import.
+from .multi_adapter import multi_lora_linear  # noqa: E402

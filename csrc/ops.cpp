@@ -1,6 +1,6 @@
 // Every lora_ext operator's schema, in one place. The backends register their kernels in
-// csrc/cpu/ and csrc/cuda/ (TORCH_LIBRARY_IMPL); lora_ext/ops.py registers the fake (meta)
-// implementations and the autograd formula, so torch.compile traces the ops without graph breaks.
+// csrc/cpu/ and csrc/cuda/ (TORCH_LIBRARY_IMPL), csrc/autograd.cpp the autograd formula of lora_forward;
+// lora_ext/ops.py registers the fake (meta) implementations, so torch.compile traces the ops without graph breaks.
 #include <torch/library.h>
 #include <torch/extension.h>
 

@@ -1,6 +1,5 @@
-"""Thin Python wrappers over torch.ops.lora_ext: fake (meta) implementations for torch.compile and the
-autograd formula. The kernels live in csrc/; nothing here computes what an operator computes, except the
-gradients of the frozen weight and bias, which only exist if a user unfroze them."""
+"""Thin Python wrappers over torch.ops.lora_ext and their fake (meta) implementations for torch.compile. The kernels
+and the autograd formula (csrc/autograd.cpp) live in csrc/; nothing here computes what an operator computes."""
 import math
 from typing import Optional
 
@@ -93,40 +92,8 @@ def _dropout_keep_mask_fake(dropout_seed, rows, cols, dropout_p):
     return dropout_seed.new_empty((rows, cols), dtype=torch.bool)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed = inputs
-    _, lora_activation = output
-    # Saved for backward: x, the frozen W, the adapters, x·Aᵀ (tokens × r) and an 8-byte seed.
-    # No dropped copy of x and no mask: backward regenerates the mask from the seed.
-    ctx.save_for_backward(x, weight, lora_A, lora_B, lora_activation, dropout_seed)
-    ctx.scaling = scaling
-    ctx.dropout_p = dropout_p
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(lora_activation)
-
-
-def _backward(ctx, grad_y, _grad_lora_activation):
-    x, weight, lora_A, lora_B, lora_activation, dropout_seed = ctx.saved_tensors
-    needs_x, needs_weight, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]
-    grad_x, grad_A, grad_B = torch.ops.lora_ext.lora_backward(
-        grad_y, x, weight, lora_A, lora_B, lora_activation, ctx.scaling, ctx.dropout_p, dropout_seed, needs_x
-    )
-    # W and b are frozen in LoRA; should a user unfreeze them, they still get exact gradients.
-    grad_weight = grad_y.t().mm(x) if needs_weight else None
-    grad_bias = grad_y.sum(0) if needs_bias and ctx.has_bias else None
-    return (
-        grad_x if needs_x else None,
-        grad_weight,
-        grad_bias,
-        grad_A if needs_A else None,
-        grad_B if needs_B else None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd("lora_ext::lora_forward", _backward, setup_context=_setup_context)
+# The autograd formula of lora_forward is C++ (csrc/autograd.cpp, the Autograd dispatch key): it saves x, W, A, B,
+# x·Aᵀ and the 8-byte seed, and its backward calls lora_backward.
 
 
 def lora_linear(

@@ -59,9 +59,12 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const a
 
   at::Tensor y = at::linear(x, weight, bias).contiguous();
   at::Tensor lora_activation = at::matmul(dropped_input(x, dropout_p, dropout_seed, acc), lora_A.to(acc).t());
-  at::Tensor lora_output = at::matmul(lora_activation, lora_B.to(acc).t());
-  // One rounding of the float32 sum for 16-bit outputs: TensorIterator computes add_ in float32.
-  y.add_(lora_output, scaling);
+  if (y.scalar_type() == acc) {  // y += s·xa·Bᵀ in one BLAS call, no temporary
+    y.addmm_(lora_activation, lora_B.to(acc).t(), /*beta=*/1, /*alpha=*/scaling);
+  } else {
+    // One rounding of the float32 sum for 16-bit outputs: TensorIterator computes add_ in float32.
+    y.add_(at::matmul(lora_activation, lora_B.to(acc).t()), scaling);
+  }
   return {y, lora_activation};
 }
 
@@ -90,9 +93,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   at::Tensor grad_x;
   if (compute_grad_x) {
     grad_x = at::matmul(grad_y, weight).contiguous();
-    at::Tensor lora_grad_x = at::matmul(grad_activation, lora_A.to(acc));
-    if (dropout_p > 0.0) lora_grad_x.mul_(keep_scale);
-    grad_x.add_(lora_grad_x);
+    if (dropout_p == 0.0 && grad_x.scalar_type() == acc) {  // dx += dy_a·A in one BLAS call
+      grad_x.addmm_(grad_activation, lora_A.to(acc));
+    } else {
+      at::Tensor lora_grad_x = at::matmul(grad_activation, lora_A.to(acc));
+      if (dropout_p > 0.0) lora_grad_x.mul_(keep_scale);
+      grad_x.add_(lora_grad_x);
+    }
   } else {
     grad_x = at::empty({0}, x.options());
   }

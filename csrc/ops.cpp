@@ -32,6 +32,13 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "multi_lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A_stack, Tensor lora_B_stack, "
       "Tensor scalings, Tensor adapter_ids) -> Tensor y");
+  // Exact merge in one pass (csrc/cpu/merge_exact_cpu.cpp): weight += scaling·B·A, appending to record_index /
+  // record_bits the flat index and original bits of each element that the matching unmerge (subtract=True:
+  // weight -= scaling·B·A with the same arithmetic) would not restore. state = [slots reserved, first failed
+  // slot (init -1), became non-finite]; tile_done marks the (16 × 256) tiles written, for relaunches.
+  m.def(
+      "merge_exact_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling, bool subtract, "
+      "Tensor(b!) record_index, Tensor(c!) record_bits, Tensor(d!) state, Tensor(e!) tile_done) -> ()");
   // The boolean keep mask (rows, cols) that the kernels draw for dropout_seed; for tests and inspection.
   m.def("dropout_keep_mask(Tensor dropout_seed, int rows, int cols, float dropout_p) -> Tensor");
 }

@@ -77,6 +77,11 @@ def _lora_backward_fake(grad_y, x, weight, lora_A, lora_B, lora_activation, scal
     return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
+@torch.library.register_fake("lora_ext::merge_exact_")
+def _merge_exact_fake(weight, lora_A, lora_B, scaling, subtract, record_index, record_bits, state, tile_done):
+    return None
+
+
 @torch.library.register_fake("lora_ext::merge_")
 def _merge_fake(weight, lora_A, lora_B, scaling):
     return None

@@ -65,11 +65,18 @@ inline void check_dropout(double dropout_p, const c10::optional<at::Tensor>& dro
   }
 }
 
-// x (tokens, in), weight (out, in), bias (out) or None, lora_A (r, in), lora_B (out, r).
-inline LoraDims check_lora_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                  const at::Tensor& lora_A, const at::Tensor& lora_B, const char* op) {
-  LORA_CHECK(x.dim() == 2, op, ": x must be 2-D (tokens, in_features), got shape ", shape_string(x),
-              " (lora_ext.ops.lora_linear flattens leading dimensions for you)");
+struct BaseDims {
+  int64_t tokens;
+  int64_t in_features;
+  int64_t out_features;
+};
+
+// The frozen base layer's inputs, shared by lora_forward/lora_backward and multi_lora_forward: x (tokens, in),
+// weight (out, in), bias (out) or None. `wrapper` names the Python function that flattens x for the user.
+inline BaseDims check_base_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                  const char* wrapper, const char* op) {
+  LORA_CHECK(x.dim() == 2, op, ": x must be 2-D (tokens, in_features), got shape ", shape_string(x), " (", wrapper,
+              " flattens leading dimensions for you)");
   LORA_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ", x.scalar_type());
   check_activation_dtype(x, op);
   const int64_t tokens = x.size(0), in_features = x.size(1);
@@ -91,6 +98,14 @@ inline LoraDims check_lora_inputs(const at::Tensor& x, const at::Tensor& weight,
                 " does not match x dtype ", x.scalar_type());
     check_same_device(*bias, "bias", x, op);
   }
+  return BaseDims{tokens, in_features, out_features};
+}
+
+// x (tokens, in), weight (out, in), bias (out) or None, lora_A (r, in), lora_B (out, r).
+inline LoraDims check_lora_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                  const at::Tensor& lora_A, const at::Tensor& lora_B, const char* op) {
+  const BaseDims base = check_base_inputs(x, weight, bias, "lora_ext.ops.lora_linear", op);
+  const int64_t tokens = base.tokens, in_features = base.in_features, out_features = base.out_features;
 
   LORA_CHECK(lora_A.dim() == 2 && lora_A.size(0) >= 1 && lora_A.size(1) == in_features, op,
               ": lora_A must have shape (r, in_features) = (r, ", in_features, ") with r >= 1, got ",
@@ -141,28 +156,8 @@ inline MultiLoraDims check_multi_lora_inputs(const at::Tensor& x, const at::Tens
                                              const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A_stack,
                                              const at::Tensor& lora_B_stack, const at::Tensor& scalings,
                                              const at::Tensor& adapter_ids, const char* op) {
-  LORA_CHECK(x.dim() == 2, op, ": x must be 2-D (tokens, in_features), got shape ", shape_string(x),
-              " (lora_ext.ops.multi_lora_linear flattens leading dimensions for you)");
-  LORA_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ", x.scalar_type());
-  check_activation_dtype(x, op);
-  const int64_t tokens = x.size(0), in_features = x.size(1);
-  LORA_CHECK(in_features >= 1, op, ": x must have at least one feature, got shape ", shape_string(x));
-
-  LORA_CHECK(weight.dim() == 2 && weight.size(1) == in_features, op,
-              ": weight must have shape (out_features, in_features) with in_features = x.size(-1) = ", in_features,
-              ", got ", shape_string(weight));
-  const int64_t out_features = weight.size(0);
-  LORA_CHECK(out_features >= 1, op, ": weight must have at least one row, got shape ", shape_string(weight));
-  LORA_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
-              " does not match x dtype ", x.scalar_type());
-  check_same_device(weight, "weight", x, op);
-  if (bias.has_value() && bias->defined()) {
-    LORA_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must have shape (out_features,) = (",
-                out_features, ",), got ", shape_string(*bias));
-    LORA_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
-                " does not match x dtype ", x.scalar_type());
-    check_same_device(*bias, "bias", x, op);
-  }
+  const BaseDims base = check_base_inputs(x, weight, bias, "lora_ext.ops.multi_lora_linear", op);
+  const int64_t tokens = base.tokens, in_features = base.in_features, out_features = base.out_features;
 
   LORA_CHECK(lora_A_stack.dim() == 3 && lora_A_stack.size(0) >= 1 && lora_A_stack.size(1) >= 1 &&
                   lora_A_stack.size(2) == in_features,

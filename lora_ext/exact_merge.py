@@ -54,12 +54,10 @@ class _ChunkRecord:
 
 @dataclass
 class MergeRecord:
-    """What unmerge needs to restore W bit for bit: the per-chunk corrections and a fingerprint of the
-    adapter (tensor version counters and the scaling) so that an adapter edited while merged is detected."""
+    """What unmerge needs to restore W bit for bit: the per-chunk corrections (merge_with_record adds the
+    _MergeIdentity that record_matches checks)."""
 
     chunks: List[_ChunkRecord] = field(default_factory=list)
-    adapter_versions: Tuple[int, int] = (0, 0)
-    scaling: float = 0.0
 
     def nbytes(self) -> int:
         """Memory the record holds (bytes)."""
@@ -67,9 +65,6 @@ class MergeRecord:
 
     def corrected_elements(self) -> int:
         return sum(c.original_values.numel() for c in self.chunks if c.original_values is not None)
-
-    def matches(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> bool:
-        return self.adapter_versions == (lora_A._version, lora_B._version) and self.scaling == scaling
 
 
 def _empty_like_aligned(t: torch.Tensor) -> torch.Tensor:
@@ -112,7 +107,7 @@ def chunked_merge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B
     Raises ValueError, with weight unchanged, if the merged weight would hold NaN/Inf where the original did not."""
     _check_mergeable(weight)
     bits = _BITS_DTYPE[weight.dtype]
-    record = MergeRecord(adapter_versions=(lora_A._version, lora_B._version), scaling=float(scaling))
+    record = MergeRecord()
     for start, end in _row_chunks(weight):
         rows = weight[start:end]
         original = rows.clone()
@@ -165,8 +160,6 @@ _TILE_ROWS, _TILE_COLS = 16, 256  # csrc/*/merge_exact*: one block per 16 × 256
 class FusedMergeRecord:
     flat_indices: torch.Tensor  # int64 flat indices into W
     original_bits: torch.Tensor  # W's original values there, as integers of W's width
-    adapter_versions: Tuple[int, int] = (0, 0)
-    scaling: float = 0.0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.flat_indices, self.original_bits))
@@ -174,8 +167,6 @@ class FusedMergeRecord:
     def corrected_elements(self) -> int:
         return self.flat_indices.numel()
 
-    def matches(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> bool:
-        return self.adapter_versions == (lora_A._version, lora_B._version) and self.scaling == scaling
 
 
 def _merge_exact_launch(weight, lora_A, lora_B, scaling, subtract, capacity, tile_done, state):
@@ -212,8 +203,7 @@ def fused_merge_with_record(weight, lora_A, lora_B, scaling, capacity: Optional[
         if first_failed < 0:
             break
         capacity = reserved - first_failed  # exactly what the tiles left undone need
-    record = FusedMergeRecord(torch.cat(indices), torch.cat(values), (lora_A._version, lora_B._version),
-                              float(scaling))
+    record = FusedMergeRecord(torch.cat(indices), torch.cat(values))
     if non_finite:
         fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record)
         raise ValueError(

@@ -18,56 +18,52 @@ uint64_t read_seed(const c10::optional<at::Tensor>& dropout_seed) {
   return static_cast<uint64_t>(dropout_seed->item<int64_t>());
 }
 
-// The keep mask as 0 / keep_scale (≈ 1 / (1 − p)) in the accumulation type: a temporary of the CPU path only,
-// regenerated wherever it is needed and never saved for backward.
-at::Tensor scaled_keep_mask(uint64_t seed, int64_t rows, int64_t cols, double dropout_p, at::ScalarType dtype) {
-  at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(dtype));
+// Calls visit(i, factor) for every element i = row · cols + col of a (rows, cols) tensor, factor = keep_scale
+// (≈ 1 / (1 − p)) where the mask keeps the element and 0 where it drops it: one Philox call decides 8 columns.
+template <typename scalar_t, typename Visit>
+void for_each_keep_factor(uint64_t seed, int64_t rows, int64_t cols, double dropout_p, const Visit& visit) {
   const uint32_t threshold = dropout_threshold(dropout_p);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "lora_ext_scaled_keep_mask", [&] {
-    scalar_t* out = mask.data_ptr<scalar_t>();
-    const scalar_t kept = static_cast<scalar_t>(dropout_keep_scale(dropout_p));
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        for (int64_t group = 0; group * 8 < cols; ++group) {  // one Philox call decides 8 columns
-          const unsigned keep = dropout_keep8(seed, row, group, threshold);
-          for (int64_t col = group * 8; col < std::min<int64_t>(cols, group * 8 + 8); ++col) {
-            out[row * cols + col] = ((keep >> (col - group * 8)) & 1u) ? kept : scalar_t(0);
-          }
+  const scalar_t kept = static_cast<scalar_t>(dropout_keep_scale(dropout_p));
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t group = 0; group * 8 < cols; ++group) {
+        const unsigned keep = dropout_keep8(seed, row, group, threshold);
+        for (int64_t col = group * 8; col < std::min<int64_t>(cols, group * 8 + 8); ++col) {
+          visit(row * cols + col, ((keep >> (col - group * 8)) & 1u) ? kept : scalar_t(0));
         }
       }
-    });
+    }
+  });
+}
+
+// The keep mask as 0 / keep_scale in `dtype`, for dropout_keep_mask (tests and inspection).
+at::Tensor scaled_keep_mask(uint64_t seed, int64_t rows, int64_t cols, double dropout_p, at::ScalarType dtype) {
+  at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lora_ext_scaled_keep_mask", [&] {
+    scalar_t* out = mask.data_ptr<scalar_t>();
+    for_each_keep_factor<scalar_t>(seed, rows, cols, dropout_p, [&](int64_t i, scalar_t factor) { out[i] = factor; });
   });
   return mask;
 }
 
 // dropout(x) = x · keep · keep_scale in the accumulation type, drawn and applied in one pass over x (a fresh
-// tensor, never x itself); with `mask` also the 0 / keep_scale mask that backward applies to dx.
+// tensor, never x itself); with `mask` also the 0 / keep_scale mask that backward applies to dx. A temporary of
+// the CPU path only, regenerated wherever it is needed and never saved for backward.
 at::Tensor dropped_input(const at::Tensor& x, double dropout_p, const c10::optional<at::Tensor>& dropout_seed,
                          at::ScalarType acc, at::Tensor* mask = nullptr) {
   if (dropout_p == 0.0) return x.to(acc);
   const at::Tensor source = x.to(acc).contiguous();
   at::Tensor dropped = at::empty_like(source);
   if (mask != nullptr) *mask = at::empty_like(source);
-  const int64_t rows = source.size(0), cols = source.size(1);
-  const uint64_t seed = read_seed(dropout_seed);
-  const uint32_t threshold = dropout_threshold(dropout_p);
   AT_DISPATCH_FLOATING_TYPES(acc, "lora_ext_dropped_input", [&] {
     const scalar_t* in = source.data_ptr<scalar_t>();
     scalar_t* out = dropped.data_ptr<scalar_t>();
     scalar_t* mask_out = mask != nullptr ? mask->data_ptr<scalar_t>() : nullptr;
-    const scalar_t kept = static_cast<scalar_t>(dropout_keep_scale(dropout_p));
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        for (int64_t group = 0; group * 8 < cols; ++group) {  // one Philox call decides 8 columns
-          const unsigned keep = dropout_keep8(seed, row, group, threshold);
-          for (int64_t col = group * 8; col < std::min<int64_t>(cols, group * 8 + 8); ++col) {
-            const scalar_t factor = ((keep >> (col - group * 8)) & 1u) ? kept : scalar_t(0);
-            out[row * cols + col] = in[row * cols + col] * factor;
-            if (mask_out != nullptr) mask_out[row * cols + col] = factor;
-          }
-        }
-      }
-    });
+    for_each_keep_factor<scalar_t>(read_seed(dropout_seed), source.size(0), source.size(1), dropout_p,
+                                   [&](int64_t i, scalar_t factor) {
+                                     out[i] = in[i] * factor;
+                                     if (mask_out != nullptr) mask_out[i] = factor;
+                                   });
   });
   return dropped;
 }

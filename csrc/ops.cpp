@@ -22,6 +22,13 @@ TORCH_LIBRARY(lora_ext, m) {
   // float32 (float64 for float64 weights) and rounded once.
   m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()");
   m.def("unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()");
+  // Exact merge in one pass (see csrc/cuda/merge_exact.cu): weight += scaling·B·A, appending to record_index /
+  // record_bits the flat index and original bits of each element that the matching unmerge (subtract=True:
+  // weight -= scaling·B·A with the same arithmetic) would not restore. state = [slots reserved, first failed
+  // slot (init -1), became non-finite]; tile_done marks the (16 × 256) tiles written, for relaunches.
+  m.def(
+      "merge_exact_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling, bool subtract, "
+      "Tensor(b!) record_index, Tensor(c!) record_bits, Tensor(d!) state, Tensor(e!) tile_done) -> ()");
   // The boolean keep mask (rows, cols) that the kernels draw for dropout_seed; for tests and inspection.
   m.def("dropout_keep_mask(Tensor dropout_seed, int rows, int cols, float dropout_p) -> Tensor");
 }

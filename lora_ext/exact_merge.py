@@ -149,3 +149,84 @@ def unmerge_with_record(
         if not chunk.dense:  # a dense chunk holds the original rows whole: no kernel needed
             ops.unmerge_(rows, lora_A, lora_B[chunk.row_start:chunk.row_end], scaling)
         _restore_chunk(rows, chunk)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One-pass exact merge (lora_ext::merge_exact_, csrc/cuda/merge_exact.cu and csrc/cpu/merge_exact_cpu.cpp).
+# WIP (session 3): CPU-tested; the CUDA kernel compiles but has not run on a GPU yet. Replaces the chunked path
+# above once measured (docs/perf-notes.md, "Next" item 4).
+
+_TILE_ROWS, _TILE_COLS = 16, 256  # csrc/*/merge_exact*: one block per 16 × 256 tile of W
+
+
+@dataclass
+class FusedMergeRecord:
+    flat_indices: torch.Tensor  # int64 flat indices into W
+    original_bits: torch.Tensor  # W's original values there, as integers of W's width
+    adapter_versions: Tuple[int, int] = (0, 0)
+    scaling: float = 0.0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.flat_indices, self.original_bits))
+
+    def corrected_elements(self) -> int:
+        return self.flat_indices.numel()
+
+    def matches(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> bool:
+        return self.adapter_versions == (lora_A._version, lora_B._version) and self.scaling == scaling
+
+
+def _merge_exact_launch(weight, lora_A, lora_B, scaling, subtract, capacity, tile_done, state):
+    bits = _BITS_DTYPE[weight.dtype]
+    index = torch.empty(capacity, dtype=torch.int64, device=weight.device)
+    values = torch.empty(capacity, dtype=bits, device=weight.device)
+    torch.ops.lora_ext.merge_exact_(weight, lora_A, lora_B, scaling, subtract, index, values, state, tile_done)
+    return index, values
+
+
+@torch.no_grad()
+def fused_merge_with_record(weight, lora_A, lora_B, scaling, capacity: Optional[int] = None) -> FusedMergeRecord:
+    """weight += scaling·B·A in one pass, returning what unmerge needs to restore W bit for bit. One host sync
+    (reading how many elements were recorded); a second launch only when the record outgrew `capacity`
+    (default: 1/16 of W's elements), for just the tiles that did not fit. ValueError, W unchanged, when the merged
+    weight would hold NaN/Inf where W did not."""
+    _check_mergeable(weight)
+    if weight.dtype == torch.float64:
+        raise TypeError("fused exact merge: float64 weights are exact with lora_ext.ops.merge_ already")
+    out_features, in_features = weight.shape
+    tiles = -(-out_features // _TILE_ROWS) * -(-in_features // _TILE_COLS)
+    tile_done = torch.zeros(tiles, dtype=torch.uint8, device=weight.device)
+    capacity = max(1024, weight.numel() // 16) if capacity is None else capacity
+    indices, values = [], []
+    non_finite = False
+    while True:
+        state = torch.tensor([0, -1, 0], dtype=torch.int64, device=weight.device)
+        index, bits = _merge_exact_launch(weight, lora_A, lora_B, scaling, False, capacity, tile_done, state)
+        reserved, first_failed, became_non_finite = state.tolist()  # the host sync
+        non_finite |= bool(became_non_finite)
+        valid = reserved if first_failed < 0 else first_failed
+        indices.append(index[:valid].clone())
+        values.append(bits[:valid].clone())
+        if first_failed < 0:
+            break
+        capacity = reserved - first_failed  # exactly what the tiles left undone need
+    record = FusedMergeRecord(torch.cat(indices), torch.cat(values), (lora_A._version, lora_B._version),
+                              float(scaling))
+    if non_finite:
+        fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record)
+        raise ValueError(
+            "merge: the merged weight would hold NaN or Inf (the adapter holds NaN/Inf, or scaling·B·A "
+            f"overflows {weight.dtype}); the weight was left unchanged"
+        )
+    return record
+
+
+@torch.no_grad()
+def fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record: FusedMergeRecord) -> None:
+    """Undo fused_merge_with_record: W -= scaling·B·A with the same arithmetic, then the recorded elements."""
+    empty_state = torch.zeros(3, dtype=torch.int64, device=weight.device)
+    tiles = -(-weight.shape[0] // _TILE_ROWS) * -(-weight.shape[1] // _TILE_COLS)
+    tile_done = torch.zeros(tiles, dtype=torch.uint8, device=weight.device)
+    _merge_exact_launch(weight, lora_A, lora_B, scaling, True, 0, tile_done, empty_state)
+    if record.flat_indices.numel():
+        weight.view(-1).view(_BITS_DTYPE[weight.dtype]).index_copy_(0, record.flat_indices, record.original_bits)

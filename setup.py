@@ -89,7 +89,7 @@ def make_extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list(torch))
     from torch.utils import cpp_extension
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # Our code builds warning-free under -Wall -Wextra; torch's and CUDA's headers are passed again as
     # system includes (-isystem wins over the -I torch adds for the same folders), which silences only them.
     torch_includes = cpp_extension.include_paths()

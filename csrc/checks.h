@@ -126,6 +126,77 @@ inline void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& lo
   check_same_device(lora_activation, "lora_activation", x, op);
 }
 
+struct MultiLoraDims {
+  int64_t tokens;
+  int64_t in_features;
+  int64_t out_features;
+  int64_t adapters;  // n, the stack's slot count
+  int64_t max_rank;  // r_max; adapters of lower rank are zero-padded
+};
+
+// multi_lora_forward: x (tokens, in), weight (out, in), bias (out) or None, lora_A_stack (n, r_max, in),
+// lora_B_stack (n, out, r_max), scalings (n,) float32/float64, adapter_ids (tokens,) int64/int32. Shapes,
+// dtypes and devices only: the ids' values are checked by the CPU kernel (reading them on CUDA would sync).
+inline MultiLoraDims check_multi_lora_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                             const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A_stack,
+                                             const at::Tensor& lora_B_stack, const at::Tensor& scalings,
+                                             const at::Tensor& adapter_ids, const char* op) {
+  LORA_CHECK(x.dim() == 2, op, ": x must be 2-D (tokens, in_features), got shape ", shape_string(x),
+              " (lora_ext.ops.multi_lora_linear flattens leading dimensions for you)");
+  LORA_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ", x.scalar_type());
+  check_activation_dtype(x, op);
+  const int64_t tokens = x.size(0), in_features = x.size(1);
+  LORA_CHECK(in_features >= 1, op, ": x must have at least one feature, got shape ", shape_string(x));
+
+  LORA_CHECK(weight.dim() == 2 && weight.size(1) == in_features, op,
+              ": weight must have shape (out_features, in_features) with in_features = x.size(-1) = ", in_features,
+              ", got ", shape_string(weight));
+  const int64_t out_features = weight.size(0);
+  LORA_CHECK(out_features >= 1, op, ": weight must have at least one row, got shape ", shape_string(weight));
+  LORA_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
+              " does not match x dtype ", x.scalar_type());
+  check_same_device(weight, "weight", x, op);
+  if (bias.has_value() && bias->defined()) {
+    LORA_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must have shape (out_features,) = (",
+                out_features, ",), got ", shape_string(*bias));
+    LORA_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
+                " does not match x dtype ", x.scalar_type());
+    check_same_device(*bias, "bias", x, op);
+  }
+
+  LORA_CHECK(lora_A_stack.dim() == 3 && lora_A_stack.size(0) >= 1 && lora_A_stack.size(1) >= 1 &&
+                  lora_A_stack.size(2) == in_features,
+              op, ": lora_A_stack must have shape (n_adapters, r_max, in_features) = (n, r_max, ", in_features,
+              ") with n >= 1 and r_max >= 1, got ", shape_string(lora_A_stack));
+  const int64_t adapters = lora_A_stack.size(0), max_rank = lora_A_stack.size(1);
+  LORA_CHECK(lora_B_stack.dim() == 3 && lora_B_stack.size(0) == adapters && lora_B_stack.size(1) == out_features &&
+                  lora_B_stack.size(2) == max_rank,
+              op, ": lora_B_stack must have shape (n_adapters, out_features, r_max) = (", adapters, ", ",
+              out_features, ", ", max_rank, "), got ", shape_string(lora_B_stack));
+  LORA_CHECK(lora_A_stack.scalar_type() == lora_B_stack.scalar_type(), op, ": lora_A_stack dtype ",
+              lora_A_stack.scalar_type(), " and lora_B_stack dtype ", lora_B_stack.scalar_type(), " differ");
+  LORA_CHECK(lora_A_stack.scalar_type() == x.scalar_type() || lora_A_stack.scalar_type() == at::kFloat, op,
+              ": adapter stack dtype ", lora_A_stack.scalar_type(), " must be x's dtype (", x.scalar_type(),
+              ") or float32");
+  check_same_device(lora_A_stack, "lora_A_stack", x, op);
+  check_same_device(lora_B_stack, "lora_B_stack", x, op);
+
+  LORA_CHECK(scalings.dim() == 1 && scalings.size(0) == adapters, op,
+              ": scalings must have shape (n_adapters,) = (", adapters, ",), one per adapter slot, got ",
+              shape_string(scalings));
+  LORA_CHECK(scalings.scalar_type() == at::kFloat || scalings.scalar_type() == at::kDouble, op,
+              ": scalings must be float32 (or float64), got ", scalings.scalar_type());
+  check_same_device(scalings, "scalings", x, op);
+
+  LORA_CHECK(adapter_ids.scalar_type() == at::kLong || adapter_ids.scalar_type() == at::kInt, op,
+              ": adapter_ids must be int64 or int32 (an adapter slot per token, -1 = base only), got ",
+              adapter_ids.scalar_type());
+  LORA_CHECK(adapter_ids.dim() == 1 && adapter_ids.size(0) == tokens, op,
+              ": adapter_ids must have shape (tokens,) = (", tokens, ",), got ", shape_string(adapter_ids));
+  check_same_device(adapter_ids, "adapter_ids", x, op);
+  return MultiLoraDims{tokens, in_features, out_features, adapters, max_rank};
+}
+
 // Whether a and b may share memory. at::get_overlap_status decides exactly for dense tensors; for strided
 // views of one storage it answers TooHard, and then intersecting address ranges count as sharing
 // (conservative: interleaved views such as buf[:, ::2] and buf[:, 1::2] are reported too).

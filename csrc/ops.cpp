@@ -1,6 +1,6 @@
 // Every lora_ext operator's schema, in one place. The backends register their kernels in
-// csrc/cpu/ and csrc/cuda/ (TORCH_LIBRARY_IMPL); lora_ext/ops.py registers the fake (meta)
-// implementations and the autograd formula, so torch.compile traces the ops without graph breaks.
+// csrc/cpu/ and csrc/cuda/ (TORCH_LIBRARY_IMPL), csrc/autograd.cpp the autograd formula of lora_forward;
+// lora_ext/ops.py registers the fake (meta) implementations, so torch.compile traces the ops without graph breaks.
 #include <torch/library.h>
 #include <torch/extension.h>
 
@@ -22,7 +22,17 @@ TORCH_LIBRARY(lora_ext, m) {
   // float32 (float64 for float64 weights) and rounded once.
   m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()");
   m.def("unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()");
-  // Exact merge in one pass (see csrc/cuda/merge_exact.cu): weight += scaling·B·A, appending to record_index /
+  // Multi-adapter batches (inference): each token names its adapter. x (tokens, in); lora_A_stack (n, r_max, in)
+  // and lora_B_stack (n, out, r_max) hold n adapters, those of rank r < r_max zero-padded (A rows r.., B columns
+  // r..), so the padding adds exactly zero; scalings (n,) float32 (or float64) per adapter (alpha / r);
+  // adapter_ids (tokens,) int64 or int32, -1 = the base layer alone. y[t] = x[t]·Wᵀ + b
+  // + scalings[a]·(x[t]·A[a]ᵀ)·B[a]ᵀ, a = adapter_ids[t]; the low-rank term accumulated in float32 (float64 for
+  // float64 x) and rounded once into y, as lora_forward does. On CPU, ids outside [-1, n) are an error raised
+  // before anything is written; on CUDA (no host-device sync) they are treated as -1. No autograd formula.
+  m.def(
+      "multi_lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A_stack, Tensor lora_B_stack, "
+      "Tensor scalings, Tensor adapter_ids) -> Tensor y");
+  // Exact merge in one pass (csrc/cpu/merge_exact_cpu.cpp): weight += scaling·B·A, appending to record_index /
   // record_bits the flat index and original bits of each element that the matching unmerge (subtract=True:
   // weight -= scaling·B·A with the same arithmetic) would not restore. state = [slots reserved, first failed
   // slot (init -1), became non-finite]; tile_done marks the (16 × 256) tiles written, for relaunches.

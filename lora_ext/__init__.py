@@ -15,6 +15,7 @@ from .models import (
     set_adapter,
     unmerge,
 )
+from .multi_adapter import AdapterStack, adapter_slot_ids, mixed_adapters
 from .ops import cuda_kernels_available
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "inject", "lora_layers", "count_parameters", "print_trainable_parameters", "merge", "unmerge",
     "merge_and_unload", "set_adapter", "delete_adapter", "disable_adapters", "enable_adapters",
     "save_adapter", "load_adapter", "AdapterLoadError",
+    "AdapterStack", "mixed_adapters", "adapter_slot_ids",
 ]
 __version__ = "0.1.0"

@@ -105,7 +105,8 @@ def _check_mergeable(weight: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def merge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> MergeRecord:
+def chunked_merge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                              scaling: float) -> MergeRecord:
     """weight += scaling·B·A in place (lora_ext's merge kernel), returning the record that makes unmerge exact.
 
     Raises ValueError, with weight unchanged, if the merged weight would hold NaN/Inf where the original did not."""
@@ -126,7 +127,7 @@ def merge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
         flat_indices = torch.nonzero(mismatch.view(-1)).view(-1)
         if bool(became_non_finite.any()):
             rows.copy_(original)
-            unmerge_with_record(weight, lora_A, lora_B, scaling, record)
+            chunked_unmerge_with_record(weight, lora_A, lora_B, scaling, record)
             raise ValueError(
                 "merge: the merged weight would hold NaN or Inf (the adapter holds NaN/Inf, or scaling·B·A "
                 f"overflows {weight.dtype}); the weight was left unchanged"
@@ -139,10 +140,10 @@ def merge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
 
 
 @torch.no_grad()
-def unmerge_with_record(
+def chunked_unmerge_with_record(
     weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, record: MergeRecord
 ) -> None:
-    """Undo merge_with_record: weight -= scaling·B·A, then put back the elements the record says would be off,
+    """Undo chunked_merge_with_record: weight -= scaling·B·A, then put back the elements the record says would be off,
     for the chunks the record covers (all of them after a completed merge)."""
     for chunk in record.chunks:
         rows = weight[chunk.row_start:chunk.row_end]
@@ -152,9 +153,10 @@ def unmerge_with_record(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One-pass exact merge (lora_ext::merge_exact_, csrc/cuda/merge_exact.cu and csrc/cpu/merge_exact_cpu.cpp).
-# WIP (session 3): CPU-tested; the CUDA kernel compiles but has not run on a GPU yet. Replaces the chunked path
-# above once measured (docs/perf-notes.md, "Next" item 4).
+# One-pass exact merge (lora_ext::merge_exact_, csrc/cpu/merge_exact_cpu.cpp; a CUDA kernel for it is on branch
+# wip/fused-exact-merge, not yet run on a GPU). Used wherever the operator has a kernel for W's device: the CPU
+# today. On the CPU (4096², float32, r = 16, 2 cores) it takes 1.5× W.clone() per merge or unmerge against the
+# chunked path's 2.0× (docs/perf-notes.md).
 
 _TILE_ROWS, _TILE_COLS = 16, 256  # csrc/*/merge_exact*: one block per 16 × 256 tile of W
 
@@ -230,3 +232,27 @@ def fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record: FusedMerg
     _merge_exact_launch(weight, lora_A, lora_B, scaling, True, 0, tile_done, empty_state)
     if record.flat_indices.numel():
         weight.view(-1).view(_BITS_DTYPE[weight.dtype]).index_copy_(0, record.flat_indices, record.original_bits)
+
+
+def _fused_available(weight: torch.Tensor) -> bool:
+    return weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "lora_ext::merge_exact_", weight.device.type.upper()
+    )
+
+
+def merge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float):
+    """weight += scaling·B·A in place, returning what unmerge_with_record needs to restore W bit for bit: the
+    one-pass operator where W's device has it, else the chunked path. ValueError, W unchanged, on NaN/Inf."""
+    _check_mergeable(weight)
+    if _fused_available(weight):
+        return fused_merge_with_record(weight, lora_A, lora_B, scaling)
+    return chunked_merge_with_record(weight, lora_A, lora_B, scaling)
+
+
+def unmerge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                        record) -> None:
+    """Undo merge_with_record, bit for bit, with the path that made the record."""
+    if isinstance(record, FusedMergeRecord):
+        fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record)
+    else:
+        chunked_unmerge_with_record(weight, lora_A, lora_B, scaling, record)

@@ -13,6 +13,7 @@ from torch import nn
 from . import ops
 from .adapter import INITS, LoRAAdapter, check_adapter_name, check_hyperparameters, resolve_adapter_dtype
 from .exact_merge import MergeRecord, merge_with_record, unmerge_with_record
+from .multi_adapter import AdapterStack, multi_lora_linear
 
 
 class LoRALinear(nn.Module):
@@ -87,6 +88,8 @@ class LoRALinear(nn.Module):
         self.adapters_enabled = True
         self._merged_adapter: Optional[str] = None
         self._merge_record: Optional[MergeRecord] = None
+        self._adapter_stack: Optional[AdapterStack] = None  # stacked adapters for mixed batches (multi_adapter.py)
+        self._mixed_ids: Optional[torch.Tensor] = None  # per-row slot ids, set by lora_ext.mixed_adapters
 
     # ----------------------------------------------------------------------------------------------------------
     # Adapters
@@ -111,6 +114,8 @@ class LoRALinear(nn.Module):
         self.adapters[name] = adapter
         if self.active_adapter is None:
             self.active_adapter = name
+        if getattr(self, "_adapter_stack", None) is not None:
+            self._adapter_stack.sync(self)  # writes the new adapter's slot only
         return adapter
 
     def delete_adapter(self, name: str) -> None:
@@ -120,6 +125,8 @@ class LoRALinear(nn.Module):
         del self.adapters[name]
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.adapters), None)
+        if getattr(self, "_adapter_stack", None) is not None:
+            self._adapter_stack.sync(self)  # zeroes and frees the adapter's slot only
 
     def set_adapter(self, name: str, missing_ok: bool = False) -> None:
         """Make `name` the adapter the forward applies (no copy of any weight). A merged adapter is unmerged first.
@@ -260,8 +267,34 @@ class LoRALinear(nn.Module):
         return linear
 
     # ----------------------------------------------------------------------------------------------------------
+    # Mixed-adapter batches (lora_ext/multi_adapter.py)
+    def adapter_stack(self, capacity: int = 8) -> AdapterStack:
+        """The stacked copies of this layer's adapters (created on first use with `capacity` slots), synced: only
+        slots whose adapter was added, deleted or edited in place since the last call are written."""
+        stack = getattr(self, "_adapter_stack", None)
+        if stack is None:
+            self._adapter_stack = AdapterStack(self, capacity)
+            return self._adapter_stack
+        return stack.sync(self)
+
+    def _mixed_forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            raise RuntimeError(
+                f"LoRALinear: adapter {self._merged_adapter!r} is merged into the weight; mixed-adapter batches "
+                "need unmerged adapters (unmerge() first)"
+            )
+        if self._autocast_dtype(x) is not None:
+            raise RuntimeError("LoRALinear: mixed-adapter batches do not support torch.autocast yet; run the model "
+                               "in its own dtype")
+        self._check_input(x, self.weight, self.weight.dtype)
+        if not self.adapters_enabled:
+            return F.linear(x, self.weight, self.bias)
+        stack = self.adapter_stack()
+        return multi_lora_linear(x, self.weight, self.bias, stack.lora_A, stack.lora_B, stack.scalings, ids)
+
+    # ----------------------------------------------------------------------------------------------------------
     # Forward
-    def _check_input(self, x: torch.Tensor, dtype: torch.dtype) -> None:
+    def _check_input(self, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"LoRALinear: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0:
@@ -271,11 +304,11 @@ class LoRALinear(nn.Module):
                 f"LoRALinear: input's last dimension must be in_features = {self.in_features}, "
                 f"got shape {tuple(x.shape)}"
             )
-        if x.device != self.weight.device:
-            raise ValueError(f"LoRALinear: input is on {x.device} but the layer's weight is on {self.weight.device}")
+        if x.device != weight.device:
+            raise ValueError(f"LoRALinear: input is on {x.device} but the layer's weight is on {weight.device}")
         if x.dtype != dtype:
             raise ValueError(
-                f"LoRALinear: input dtype {x.dtype} does not match the layer's weight dtype {self.weight.dtype}"
+                f"LoRALinear: input dtype {x.dtype} does not match the layer's weight dtype {weight.dtype}"
             )
 
     def _autocast_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
@@ -287,23 +320,31 @@ class LoRALinear(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast_dtype = self._autocast_dtype(x)
-        self._check_input(x, self.weight.dtype if autocast_dtype is None else x.dtype)
-        use_adapter = self.adapters_enabled and self.active_adapter in self.adapters  # absent: the base alone
-        if self.merged and self.training and torch.is_grad_enabled() and (
-            self.lora_A.requires_grad or self.lora_B.requires_grad
-        ):
-            raise RuntimeError(
-                "LoRALinear: the adapter is merged into the weight, so training it would update nothing; "
-                "call unmerge() before training (or layer.eval() for inference)"
-            )
-        if self.merged or not use_adapter:
-            return F.linear(x, self.weight, self.bias)
-        adapter = self._active()
+        # This runs once per layer per step: every attribute is read once (nn.Module's __getattr__ is slow) and
+        # the autocast query is skipped unless autocast is on, which keeps decoding-sized calls cheap.
+        if self._mixed_ids is not None:
+            return self._mixed_forward(x, self._mixed_ids)
+        weight, bias = self.weight, self.bias
+        autocast_dtype = None
+        if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
+            autocast_dtype = self._autocast_dtype(x)
+        self._check_input(x, weight, weight.dtype if autocast_dtype is None else x.dtype)
+        adapters, name = self.adapters._modules, self.active_adapter
+        adapter = adapters.get(name) if self.adapters_enabled else None  # absent: the base layer alone
+        if self._merged_adapter is not None:
+            if self.training and torch.is_grad_enabled() and adapter is not None and (
+                adapter.lora_A.requires_grad or adapter.lora_B.requires_grad
+            ):
+                raise RuntimeError(
+                    "LoRALinear: the adapter is merged into the weight, so training it would update nothing; "
+                    "call unmerge() before training (or layer.eval() for inference)"
+                )
+            return F.linear(x, weight, bias)
+        if adapter is None:
+            return F.linear(x, weight, bias)
         dropout_p = adapter.lora_dropout if self.training else 0.0
         if autocast_dtype is None:
-            return ops.lora_linear(x, self.weight, self.bias, adapter.lora_A, adapter.lora_B, adapter.scaling,
-                                   dropout_p)
+            return ops.lora_linear(x, weight, bias, adapter.lora_A, adapter.lora_B, adapter.scaling, dropout_p)
         return self._autocast_forward(x, adapter, autocast_dtype, dropout_p)
 
     def _autocast_forward(self, x, adapter, dtype, dropout_p):

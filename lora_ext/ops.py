@@ -1,6 +1,5 @@
-"""Thin Python wrappers over torch.ops.lora_ext: fake (meta) implementations for torch.compile and the
-autograd formula. The kernels live in csrc/; nothing here computes what an operator computes, except the
-gradients of the frozen weight and bias, which only exist if a user unfroze them."""
+"""Thin Python wrappers over torch.ops.lora_ext and their fake (meta) implementations for torch.compile. The kernels
+and the autograd formula (csrc/autograd.cpp) live in csrc/; nothing here computes what an operator computes."""
 import math
 from typing import Optional
 
@@ -20,6 +19,7 @@ __all__ = [
     "merge_",
     "unmerge_",
     "cuda_kernels_available",
+    "multi_lora_linear",
 ]
 
 
@@ -77,6 +77,11 @@ def _lora_backward_fake(grad_y, x, weight, lora_A, lora_B, lora_activation, scal
     return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
+@torch.library.register_fake("lora_ext::merge_exact_")
+def _merge_exact_fake(weight, lora_A, lora_B, scaling, subtract, record_index, record_bits, state, tile_done):
+    return None
+
+
 @torch.library.register_fake("lora_ext::merge_")
 def _merge_fake(weight, lora_A, lora_B, scaling):
     return None
@@ -92,40 +97,8 @@ def _dropout_keep_mask_fake(dropout_seed, rows, cols, dropout_p):
     return dropout_seed.new_empty((rows, cols), dtype=torch.bool)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed = inputs
-    _, lora_activation = output
-    # Saved for backward: x, the frozen W, the adapters, x·Aᵀ (tokens × r) and an 8-byte seed.
-    # No dropped copy of x and no mask: backward regenerates the mask from the seed.
-    ctx.save_for_backward(x, weight, lora_A, lora_B, lora_activation, dropout_seed)
-    ctx.scaling = scaling
-    ctx.dropout_p = dropout_p
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(lora_activation)
-
-
-def _backward(ctx, grad_y, _grad_lora_activation):
-    x, weight, lora_A, lora_B, lora_activation, dropout_seed = ctx.saved_tensors
-    needs_x, needs_weight, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]
-    grad_x, grad_A, grad_B = torch.ops.lora_ext.lora_backward(
-        grad_y, x, weight, lora_A, lora_B, lora_activation, ctx.scaling, ctx.dropout_p, dropout_seed, needs_x
-    )
-    # W and b are frozen in LoRA; should a user unfreeze them, they still get exact gradients.
-    grad_weight = grad_y.t().mm(x) if needs_weight else None
-    grad_bias = grad_y.sum(0) if needs_bias and ctx.has_bias else None
-    return (
-        grad_x if needs_x else None,
-        grad_weight,
-        grad_bias,
-        grad_A if needs_A else None,
-        grad_B if needs_B else None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd("lora_ext::lora_forward", _backward, setup_context=_setup_context)
+# The autograd formula of lora_forward is C++ (csrc/autograd.cpp, the Autograd dispatch key): it saves x, W, A, B,
+# x·Aᵀ and the 8-byte seed, and its backward calls lora_backward.
 
 
 def lora_linear(
@@ -153,6 +126,8 @@ def lora_linear(
         dropout_seed = new_dropout_seed(x.device)
     if dropout_p == 0:
         dropout_seed = None
+    if x.dim() == 2:  # the common case, without the reshape round trip (a few µs of host time per call)
+        return torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed)[0]
     leading_shape = x.shape[:-1]
     # The token count is given, not inferred (-1): x of shape (..., 0) then reaches the operator's
     # "at least one feature" check instead of reshape's ambiguous-size error.
@@ -186,3 +161,7 @@ def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
 def unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
     """weight -= scaling · lora_B · lora_A in place (float32 accumulation, one rounding)."""
     torch.ops.lora_ext.unmerge_(weight, lora_A, lora_B, _check_scaling(scaling, "unmerge_"))
+
+
+# Multi-adapter batches: the fake and CUDA-composite implementations of multi_lora_forward register on import.
+from .multi_adapter import multi_lora_linear  # noqa: E402

@@ -40,11 +40,36 @@ at::Tensor scaled_keep_mask(uint64_t seed, int64_t rows, int64_t cols, double dr
   return mask;
 }
 
-// dropout(x) in the accumulation type; a fresh tensor, never x itself.
+// dropout(x) = x · keep · keep_scale in the accumulation type, drawn and applied in one pass over x (a fresh
+// tensor, never x itself); with `mask` also the 0 / keep_scale mask that backward applies to dx.
 at::Tensor dropped_input(const at::Tensor& x, double dropout_p, const c10::optional<at::Tensor>& dropout_seed,
-                         at::ScalarType acc) {
+                         at::ScalarType acc, at::Tensor* mask = nullptr) {
   if (dropout_p == 0.0) return x.to(acc);
-  return x.to(acc) * scaled_keep_mask(read_seed(dropout_seed), x.size(0), x.size(1), dropout_p, acc);
+  const at::Tensor source = x.to(acc).contiguous();
+  at::Tensor dropped = at::empty_like(source);
+  if (mask != nullptr) *mask = at::empty_like(source);
+  const int64_t rows = source.size(0), cols = source.size(1);
+  const uint64_t seed = read_seed(dropout_seed);
+  const uint32_t threshold = dropout_threshold(dropout_p);
+  AT_DISPATCH_FLOATING_TYPES(acc, "lora_ext_dropped_input", [&] {
+    const scalar_t* in = source.data_ptr<scalar_t>();
+    scalar_t* out = dropped.data_ptr<scalar_t>();
+    scalar_t* mask_out = mask != nullptr ? mask->data_ptr<scalar_t>() : nullptr;
+    const scalar_t kept = static_cast<scalar_t>(dropout_keep_scale(dropout_p));
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        for (int64_t group = 0; group * 8 < cols; ++group) {  // one Philox call decides 8 columns
+          const unsigned keep = dropout_keep8(seed, row, group, threshold);
+          for (int64_t col = group * 8; col < std::min<int64_t>(cols, group * 8 + 8); ++col) {
+            const scalar_t factor = ((keep >> (col - group * 8)) & 1u) ? kept : scalar_t(0);
+            out[row * cols + col] = in[row * cols + col] * factor;
+            if (mask_out != nullptr) mask_out[row * cols + col] = factor;
+          }
+        }
+      }
+    });
+  });
+  return dropped;
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -59,9 +84,12 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const a
 
   at::Tensor y = at::linear(x, weight, bias).contiguous();
   at::Tensor lora_activation = at::matmul(dropped_input(x, dropout_p, dropout_seed, acc), lora_A.to(acc).t());
-  at::Tensor lora_output = at::matmul(lora_activation, lora_B.to(acc).t());
-  // One rounding of the float32 sum for 16-bit outputs: TensorIterator computes add_ in float32.
-  y.add_(lora_output, scaling);
+  if (y.scalar_type() == acc) {  // y += s·xa·Bᵀ in one BLAS call, no temporary
+    y.addmm_(lora_activation, lora_B.to(acc).t(), /*beta=*/1, /*alpha=*/scaling);
+  } else {
+    // One rounding of the float32 sum for 16-bit outputs: TensorIterator computes add_ in float32.
+    y.add_(at::matmul(lora_activation, lora_B.to(acc).t()), scaling);
+  }
   return {y, lora_activation};
 }
 
@@ -82,17 +110,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   const at::Tensor grad_activation = at::matmul(grad_y_acc, lora_B.to(acc)).mul_(scaling);
   at::Tensor grad_B = at::matmul(grad_y_acc.t(), lora_activation).mul_(scaling).to(adapter_dtype);
 
-  at::Tensor keep_scale;  // 0 or 1/(1-p), shared by grad_A and grad_x
-  if (dropout_p > 0.0) keep_scale = scaled_keep_mask(read_seed(dropout_seed), dims.tokens, dims.in_features, dropout_p, acc);
-  const at::Tensor x_dropped = dropout_p > 0.0 ? x.to(acc) * keep_scale : x.to(acc);
+  at::Tensor keep_scale;  // 0 or 1/(1-p), shared by grad_A and grad_x; the forward's mask, drawn again
+  const at::Tensor x_dropped = dropped_input(x, dropout_p, dropout_seed, acc, compute_grad_x ? &keep_scale : nullptr);
   at::Tensor grad_A = at::matmul(grad_activation.t(), x_dropped).to(adapter_dtype);
 
   at::Tensor grad_x;
   if (compute_grad_x) {
     grad_x = at::matmul(grad_y, weight).contiguous();
-    at::Tensor lora_grad_x = at::matmul(grad_activation, lora_A.to(acc));
-    if (dropout_p > 0.0) lora_grad_x.mul_(keep_scale);
-    grad_x.add_(lora_grad_x);
+    if (dropout_p == 0.0 && grad_x.scalar_type() == acc) {  // dx += dy_a·A in one BLAS call
+      grad_x.addmm_(grad_activation, lora_A.to(acc));
+    } else {
+      at::Tensor lora_grad_x = at::matmul(grad_activation, lora_A.to(acc));
+      if (dropout_p > 0.0) lora_grad_x.mul_(keep_scale);
+      grad_x.add_(lora_grad_x);
+    }
   } else {
     grad_x = at::empty({0}, x.options());
   }

@@ -1,6 +1,8 @@
-// CPU version of lora_ext::merge_exact_ (csrc/cuda/merge_exact.cu): the same tiles, the same arithmetic
-// (float32 FMAs over the rank in ascending order, s applied with one multiply, one rounding into W's dtype), and
-// the same record protocol, so that the exact-merge logic is tested on machines without a GPU.
+// lora_ext::merge_exact_ on the CPU: W ± s·B·A in one pass over W, recording (flat index, original bits) of every
+// element the matching unmerge (subtract=true, the same arithmetic) would not restore. d = B·A comes from one
+// float32 BLAS call per block of 16 rows; each element is then rounded once into W's dtype. Records are
+// reserved per 16 × 256 tile (tile_done marks the tiles written), so a record that outgrows its capacity leaves
+// the remaining tiles untouched for a second launch (lora_ext/exact_merge.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,16 +19,15 @@ namespace {
 
 constexpr int64_t kRows = 16, kCols = 256;  // must match csrc/cuda/merge_exact.cu
 
-template <typename T, typename TW, typename Bits>
-void merge_exact_tiles(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, float scaling,
-                       bool subtract, at::Tensor& record_index, at::Tensor& record_bits, at::Tensor& state,
-                       at::Tensor& tile_done) {
+// d = B·A for one block of kRows rows, in float32, by one BLAS call: the same call (same shapes, inputs and
+// alignment, one thread) in merge and unmerge, so d is bit-identical in both and the prediction is exact.
+template <typename T, typename Bits>
+void merge_exact_tiles(at::Tensor& weight, const at::Tensor& lora_A_float, const at::Tensor& lora_B_float,
+                       float scaling, bool subtract, at::Tensor& record_index, at::Tensor& record_bits,
+                       at::Tensor& state, at::Tensor& tile_done) {
   T* W = weight.data_ptr<T>();
-  const TW* A = lora_A.data_ptr<TW>();
-  const TW* B = lora_B.data_ptr<TW>();
-  const int64_t out = weight.size(0), in = weight.size(1), rank = lora_A.size(0);
-  const int64_t a_stride = lora_A.stride(0), b_stride = lora_B.stride(0);
-  const int64_t tiles_per_row = (in + kCols - 1) / kCols, tiles = ((out + kRows - 1) / kRows) * tiles_per_row;
+  const int64_t out = weight.size(0), in = weight.size(1);
+  const int64_t tiles_per_row = (in + kCols - 1) / kCols, row_blocks = (out + kRows - 1) / kRows;
   const int64_t capacity = record_index.numel();
   int64_t* index = record_index.data_ptr<int64_t>();
   Bits* bits = static_cast<Bits*>(record_bits.data_ptr());
@@ -36,58 +37,56 @@ void merge_exact_tiles(at::Tensor& weight, const at::Tensor& lora_A, const at::T
   std::atomic<uint64_t> first_failed(static_cast<uint64_t>(st[1]));
   std::atomic<int64_t> non_finite(st[2]);
 
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> d(kRows * kCols);
+  // grain 1 < row_blocks whenever there is more than one block: the BLAS call below always runs inside a
+  // parallel region, i.e. on one thread, in merge and unmerge alike.
+  at::parallel_for(0, row_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> merged(kRows * kCols), original(kRows * kCols);
     std::vector<int64_t> miss;
-    for (int64_t tile = begin; tile < end; ++tile) {
-      if (!subtract && done[tile]) continue;
-      const int64_t o0 = (tile / tiles_per_row) * kRows, k0 = (tile % tiles_per_row) * kCols;
-      const int64_t rows = std::min(kRows, out - o0), cols = std::min(kCols, in - k0);
-      std::fill(d.begin(), d.end(), 0.f);
-      for (int64_t j = 0; j < rank; ++j)
-        for (int64_t i = 0; i < rows; ++i) {
-          const float b = static_cast<float>(B[(o0 + i) * b_stride + j]);
-          for (int64_t c = 0; c < cols; ++c)
-            d[i * kCols + c] = std::fma(b, static_cast<float>(A[j * a_stride + k0 + c]), d[i * kCols + c]);
-        }
-      miss.clear();
-      bool tile_non_finite = false;
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t c = 0; c < cols; ++c) {
-          const T w = W[(o0 + i) * in + k0 + c];
-          original[i * kCols + c] = w;
-          const float delta = scaling * d[i * kCols + c];
-          if (subtract) {
-            merged[i * kCols + c] = static_cast<T>(static_cast<float>(w) - delta);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t o0 = block * kRows, rows = std::min(kRows, out - o0);
+      const at::Tensor d_block = at::mm(lora_B_float.narrow(0, o0, rows), lora_A_float);  // (rows, in) float32
+      const float* d = d_block.data_ptr<float>();
+      for (int64_t tile = block * tiles_per_row; tile < (block + 1) * tiles_per_row; ++tile) {
+        if (!subtract && done[tile]) continue;
+        const int64_t k0 = (tile % tiles_per_row) * kCols, cols = std::min(kCols, in - k0);
+        miss.clear();
+        bool tile_non_finite = false;
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t c = 0; c < cols; ++c) {
+            const T w = W[(o0 + i) * in + k0 + c];
+            const float delta = scaling * d[i * in + k0 + c];
+            if (subtract) {
+              merged[i * kCols + c] = static_cast<T>(static_cast<float>(w) - delta);
+              continue;
+            }
+            original[i * kCols + c] = w;
+            const T m = static_cast<T>(static_cast<float>(w) + delta);
+            const T back = static_cast<T>(static_cast<float>(m) - delta);
+            merged[i * kCols + c] = m;
+            if (std::memcmp(&back, &w, sizeof(T)) != 0) miss.push_back(i * kCols + c);
+            if (!std::isfinite(static_cast<float>(m)) && std::isfinite(static_cast<float>(w))) tile_non_finite = true;
+          }
+        if (tile_non_finite) non_finite.store(1);
+        int64_t start = 0;
+        if (!miss.empty()) {
+          start = reserved.fetch_add(static_cast<int64_t>(miss.size()));
+          if (start + static_cast<int64_t>(miss.size()) > capacity) {  // no room: leave this tile untouched
+            uint64_t previous = first_failed.load();
+            while (static_cast<uint64_t>(start) < previous &&
+                   !first_failed.compare_exchange_weak(previous, static_cast<uint64_t>(start))) {
+            }
             continue;
           }
-          const T m = static_cast<T>(static_cast<float>(w) + delta);
-          const T back = static_cast<T>(static_cast<float>(m) - delta);
-          merged[i * kCols + c] = m;
-          if (std::memcmp(&back, &w, sizeof(T)) != 0) miss.push_back(i * kCols + c);
-          if (!std::isfinite(static_cast<float>(m)) && std::isfinite(static_cast<float>(w))) tile_non_finite = true;
         }
-      if (tile_non_finite) non_finite.store(1);
-      int64_t start = 0;
-      if (!miss.empty()) {
-        start = reserved.fetch_add(static_cast<int64_t>(miss.size()));
-        if (start + static_cast<int64_t>(miss.size()) > capacity) {  // no room: leave this tile untouched
-          uint64_t previous = first_failed.load();
-          while (static_cast<uint64_t>(start) < previous &&
-                 !first_failed.compare_exchange_weak(previous, static_cast<uint64_t>(start))) {
-          }
-          continue;
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t c = 0; c < cols; ++c) W[(o0 + i) * in + k0 + c] = merged[i * kCols + c];
+        for (const int64_t e : miss) {
+          index[start] = (o0 + e / kCols) * in + k0 + e % kCols;
+          std::memcpy(&bits[start], &original[e], sizeof(T));
+          ++start;
         }
+        if (!subtract) done[tile] = 1;
       }
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t c = 0; c < cols; ++c) W[(o0 + i) * in + k0 + c] = merged[i * kCols + c];
-      for (const int64_t e : miss) {
-        index[start] = (o0 + e / kCols) * in + k0 + e % kCols;
-        std::memcpy(&bits[start], &original[e], sizeof(T));
-        ++start;
-      }
-      if (!subtract) done[tile] = 1;
     }
   });
   st[0] = reserved.load();
@@ -114,30 +113,18 @@ void merge_exact_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Ten
                  record_bits.numel() == record_index.numel(),
              op, ": record_bits must be contiguous, as long as record_index, with weight's element size");
   if (weight.numel() == 0) return;
-  const at::Tensor A = lora_A.stride(1) == 1 ? lora_A : lora_A.contiguous();
-  const at::Tensor B = lora_B.stride(1) == 1 ? lora_B : lora_B.contiguous();
+  const at::Tensor A = lora_A.to(at::kFloat).contiguous(), B = lora_B.to(at::kFloat).contiguous();
   const float s = static_cast<float>(scaling);
-  const bool float_adapter = lora_A.scalar_type() == at::kFloat;
   switch (weight.scalar_type()) {
     case at::kFloat:
-      merge_exact_tiles<float, float, uint32_t>(weight, A, B, s, subtract, record_index, record_bits, state,
-                                                tile_done);
+      merge_exact_tiles<float, uint32_t>(weight, A, B, s, subtract, record_index, record_bits, state, tile_done);
       break;
     case at::kHalf:
-      if (float_adapter)
-        merge_exact_tiles<at::Half, float, uint16_t>(weight, A, B, s, subtract, record_index, record_bits, state,
-                                                     tile_done);
-      else
-        merge_exact_tiles<at::Half, at::Half, uint16_t>(weight, A, B, s, subtract, record_index, record_bits,
-                                                        state, tile_done);
+      merge_exact_tiles<at::Half, uint16_t>(weight, A, B, s, subtract, record_index, record_bits, state, tile_done);
       break;
     case at::kBFloat16:
-      if (float_adapter)
-        merge_exact_tiles<at::BFloat16, float, uint16_t>(weight, A, B, s, subtract, record_index, record_bits,
-                                                         state, tile_done);
-      else
-        merge_exact_tiles<at::BFloat16, at::BFloat16, uint16_t>(weight, A, B, s, subtract, record_index,
-                                                                record_bits, state, tile_done);
+      merge_exact_tiles<at::BFloat16, uint16_t>(weight, A, B, s, subtract, record_index, record_bits, state,
+                                                tile_done);
       break;
     default:
       LORA_CHECK(false, op, ": unsupported dtype ", weight.scalar_type());

@@ -104,13 +104,28 @@ def held_for_backward_mb(layer, x):
     return held / 2**20
 
 
+def kernel_launches(fn):
+    """CUDA kernels one call of fn launches (torch.profiler), after a warm-up call; NaN on the CPU."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def run_case(name, tokens, in_features, out_features, rank, mode, dropout, dtype, adapter_dtype, device):
     torch.manual_seed(0)
     layers = make_layers(in_features, out_features, rank, dropout, dtype, adapter_dtype, device)
     x = torch.randn(tokens, in_features, device=device, dtype=dtype)
     grad_y = torch.randn(tokens, out_features, device=device, dtype=dtype)
     row = {"case": name, "tokens": tokens, "in": in_features, "out": out_features, "r": rank, "mode": mode,
-           "dropout": dropout, "dtype": str(dtype), "adapter_dtype": str(adapter_dtype), "ms": {}, "held_mb": {}}
+           "dropout": dropout, "dtype": str(dtype), "adapter_dtype": str(adapter_dtype), "ms": {}, "held_mb": {},
+           "launches": {}}
     for impl, layer in layers.items():
         layer.train()
         if mode == "forward":
@@ -129,6 +144,8 @@ def run_case(name, tokens, in_features, out_features, rank, mode, dropout, dtype
 
             row["held_mb"][impl] = held_for_backward_mb(layer, x_grad)
         row["ms"][impl] = median_ms(fn, device)
+        if mode == "forward" and tokens <= 16 and x.is_cuda:  # decoding: launch-bound, so the count matters
+            row["launches"][impl] = kernel_launches(fn)
     base_ms = row["ms"]["base"]
     row["ratio"] = {impl: ms / base_ms for impl, ms in row["ms"].items()}
     return row
@@ -267,7 +284,9 @@ def main():
 
 def print_row(row):
     times = "  ".join(f"{impl} {ms:.4f} ms ({row['ratio'][impl]:.2f}x)" for impl, ms in row["ms"].items())
-    print(f"{row['case']:28s} {times}", flush=True)
+    launches = row.get("launches") or {}
+    counts = ("  launches " + "/".join(f"{impl} {n}" for impl, n in launches.items())) if launches else ""
+    print(f"{row['case']:28s} {times}{counts}", flush=True)
 
 
 if __name__ == "__main__":

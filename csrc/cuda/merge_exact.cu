@@ -195,7 +195,6 @@ void merge_exact_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Te
   check_merge_inputs(weight, lora_A, lora_B, op);
   check_scaling(scaling, op);
   LORA_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
-  LORA_CHECK(lora_A.stride(1) == 1 && lora_B.stride(1) == 1, op, ": lora_A and lora_B need unit column stride");
   const int64_t out = weight.size(0), in = weight.size(1);
   const int64_t tiles = ((out + kRows - 1) / kRows) * ((in + kCols - 1) / kCols);
   LORA_CHECK(tile_done.scalar_type() == at::kByte && tile_done.numel() == tiles && tile_done.is_contiguous(), op,
@@ -207,15 +206,23 @@ void merge_exact_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Te
   LORA_CHECK(record_bits.element_size() == weight.element_size() && record_bits.is_contiguous() &&
                  record_bits.numel() == record_index.numel(),
              op, ": record_bits must be contiguous, as long as record_index, with weight's element size");
+  check_same_device(record_index, "record_index", weight, op, "weight");
+  check_same_device(record_bits, "record_bits", weight, op, "weight");
+  check_same_device(state, "state", weight, op, "weight");
+  check_same_device(tile_done, "tile_done", weight, op, "weight");
+  LORA_CHECK(tiles <= INT32_MAX, op, ": weight has too many 16 x 256 tiles for one launch (", tiles, ")");
   if (weight.numel() == 0) return;
+  // d depends on the values only: contiguous adapters (a copy for a strided view) keep merge and unmerge exact.
+  const at::Tensor A = lora_A.stride(1) == 1 ? lora_A : lora_A.contiguous();
+  const at::Tensor B = lora_B.stride(1) == 1 ? lora_B : lora_B.contiguous();
   const c10::cuda::CUDAGuard device_guard(weight.device());
   const NvtxRange range(op);
   ExactMergeParams p{};
   p.weight = weight.data_ptr();
-  p.lora_A = lora_A.data_ptr();
-  p.lora_B = lora_B.data_ptr();
-  p.a_stride = lora_A.stride(0);
-  p.b_stride = lora_B.stride(0);
+  p.lora_A = A.data_ptr();
+  p.lora_B = B.data_ptr();
+  p.a_stride = A.stride(0);
+  p.b_stride = B.stride(0);
   p.out = out;
   p.in = in;
   p.rank = lora_A.size(0);

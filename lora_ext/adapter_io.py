@@ -93,6 +93,15 @@ def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
 
+def _pattern_key(name: str, held) -> str:
+    r"""A rank_pattern / alpha_pattern key that PEFT (and _pattern_value) match to layer `name` alone. PEFT treats a
+    key k as the regex (.*\.)?(k)$, so "fc" would also pick "sub.fc": anchor and escape the name when the plain
+    name would match another adapted layer."""
+    if all(other == name or not re.match(rf"(.*\.)?({name})$", other) for other, _ in held):
+        return name
+    return "^" + re.escape(name)
+
+
 def save_adapter(model: nn.Module, path, adapter_name: Optional[str] = None,
                  base_model_name_or_path: Optional[str] = None) -> None:
     """Write adapter `adapter_name` (default: the active one) of `model` to the folder `path` in PEFT's format:
@@ -135,8 +144,8 @@ def save_adapter(model: nn.Module, path, adapter_name: Optional[str] = None,
         "target_modules": _target_modules_for(model, [n for n, _ in held]),
         "exclude_modules": None,
         "use_rslora": held[0][1].use_rslora,
-        "rank_pattern": {n: a.r for n, a in held if a.r != r},
-        "alpha_pattern": {n: a.lora_alpha for n, a in held if a.lora_alpha != alpha},
+        "rank_pattern": {_pattern_key(n, held): a.r for n, a in held if a.r != r},
+        "alpha_pattern": {_pattern_key(n, held): a.lora_alpha for n, a in held if a.lora_alpha != alpha},
         "bias": "none",
         "fan_in_fan_out": False,
         "use_dora": False,
@@ -271,8 +280,10 @@ def _read_tensors(path: str) -> Dict[str, torch.Tensor]:
 
 
 def _adapter_dtype(layer_weight: torch.Tensor, tensor_dtype: torch.dtype) -> torch.dtype:
-    # LoRALinear takes adapters in the weight's dtype or in float32 (PEFT's default on a 16-bit base).
-    return torch.float32 if tensor_dtype == torch.float32 else layer_weight.dtype
+    # LoRALinear takes adapters in the weight's dtype or in float32 (PEFT's default on a 16-bit base). A file in
+    # another dtype than the weight's loads as float32, which holds bf16 and fp16 values exactly (bf16 -> fp16
+    # could overflow or round).
+    return layer_weight.dtype if tensor_dtype == layer_weight.dtype else torch.float32
 
 
 def load_adapter(model: nn.Module, path, name: str = "default", trainable: bool = False) -> nn.Module:
@@ -353,6 +364,9 @@ def load_adapter(model: nn.Module, path, name: str = "default", trainable: bool 
                 _fail(f"{weights_file}: {key} holds NaN or Inf")
         weight = module.weight
         dtype = _adapter_dtype(weight, found["A"].dtype)
+        for ab in "AB":  # values finite in the file but not in the dtype they load as
+            if not bool(torch.isfinite(found[ab].to(dtype)).all()):
+                _fail(f"{weights_file}: {PREFIX}{module_name}.lora_{ab}.weight overflows {dtype}")
         adapter = LoRAAdapter(in_features, out_features, r, alpha, settings["dropout"], settings["use_rslora"],
                               "kaiming", device=weight.device, dtype=dtype)
         with torch.no_grad():

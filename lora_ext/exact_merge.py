@@ -234,6 +234,43 @@ def fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record: FusedMerg
         weight.view(-1).view(_BITS_DTYPE[weight.dtype]).index_copy_(0, record.flat_indices, record.original_bits)
 
 
+def _weight_key(weight: torch.Tensor) -> tuple:
+    return (weight.dtype, weight.device, weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()))
+
+
+def _fingerprint(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """Two int64 checksums of each adapter tensor's bits (a plain and a position-weighted sum, computed on the
+    device): an edit through .data, which version counters do not see, changes them."""
+    sums = []
+    for t in (lora_A, lora_B):
+        bits = t.detach().contiguous().view(-1).view(_BITS_DTYPE[t.dtype]).to(torch.int64)
+        weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
+        sums += [bits.sum(), (bits * weights).sum()]
+    return torch.stack(sums)
+
+
+@dataclass
+class _MergeIdentity:
+    """What must not change between merge and unmerge for the record to apply: W's dtype, device, storage and
+    layout (a model moved or converted while merged), and the adapter (scaling, version counters, checksums)."""
+
+    weight_key: tuple
+    scaling: float
+    versions: Tuple[int, int]
+    fingerprint: torch.Tensor
+
+
+def record_matches(record, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> bool:
+    """Whether unmerge_with_record(weight, lora_A, lora_B, scaling, record) restores W bit for bit."""
+    identity = getattr(record, "identity", None)
+    if identity is None or identity.weight_key != _weight_key(weight) or identity.scaling != float(scaling):
+        return False
+    if identity.versions != (lora_A._version, lora_B._version):
+        return False
+    return identity.fingerprint.device == lora_A.device and torch.equal(identity.fingerprint,
+                                                                        _fingerprint(lora_A, lora_B))
+
+
 def _fused_available(weight: torch.Tensor) -> bool:
     return weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch._C._dispatch_has_kernel_for_dispatch_key(
         "lora_ext::merge_exact_", weight.device.type.upper()
@@ -244,9 +281,14 @@ def merge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     """weight += scaling·B·A in place, returning what unmerge_with_record needs to restore W bit for bit: the
     one-pass operator where W's device has it, else the chunked path. ValueError, W unchanged, on NaN/Inf."""
     _check_mergeable(weight)
+    identity = _MergeIdentity(_weight_key(weight), float(scaling), (lora_A._version, lora_B._version),
+                              _fingerprint(lora_A, lora_B))
     if _fused_available(weight):
-        return fused_merge_with_record(weight, lora_A, lora_B, scaling)
-    return chunked_merge_with_record(weight, lora_A, lora_B, scaling)
+        record = fused_merge_with_record(weight, lora_A, lora_B, scaling)
+    else:
+        record = chunked_merge_with_record(weight, lora_A, lora_B, scaling)
+    record.identity = identity
+    return record
 
 
 def unmerge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import ops
 from .adapter import INITS, LoRAAdapter, check_adapter_name, check_hyperparameters, resolve_adapter_dtype
-from .exact_merge import MergeRecord, merge_with_record, unmerge_with_record
+from .exact_merge import MergeRecord, merge_with_record, record_matches, unmerge_with_record
 from .multi_adapter import AdapterStack, multi_lora_linear
 
 
@@ -242,12 +242,14 @@ class LoRALinear(nn.Module):
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
         adapter = self.adapters[self._merged_adapter]
         record = self._merge_record
-        if record is not None and record.matches(adapter.lora_A, adapter.lora_B, adapter.scaling):
+        if record is not None and record_matches(record, self.weight, adapter.lora_A, adapter.lora_B,
+                                                 adapter.scaling):
             unmerge_with_record(self.weight, adapter.lora_A, adapter.lora_B, adapter.scaling, record)
         else:
             warnings.warn(
-                "LoRALinear.unmerge: the adapter changed while merged (or the layer was loaded merged); "
-                "subtracting the current adapter, which does not restore W bit for bit"
+                "LoRALinear.unmerge: the adapter or the weight changed while merged (an edited adapter, a model "
+                "converted or moved to another dtype or device, or a layer loaded merged); subtracting the current "
+                "adapter, which does not restore W bit for bit"
             )
             ops.unmerge_(self.weight, adapter.lora_A, adapter.lora_B, adapter.scaling)
         self._merged_adapter = None

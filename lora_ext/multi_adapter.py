@@ -99,10 +99,11 @@ def _multi_lora_forward_composite(x, weight, bias, lora_A_stack, lora_B_stack, s
     boolean-mask indexing), so CUDA graphs can capture it. The CUDA implementation for now: correct, not yet fast.
     TODO(issue 8, next step): replaced by a hand-written CUDA kernel (csrc/cuda/) next session.
 
-    Masked dense low rank: x·A_allᵀ for all n slots at once, (tokens, n·r_max); each token keeps the block of its
-    own slot (torch.where, so other slots contribute exactly zero, NaN-free), times its scaling; one more matmul
-    with all B's. It costs n times the FLOPs of one adapter's low-rank part (small next to x·Wᵀ when n·r_max is
-    much smaller than in_features) but never gathers per-token copies of the adapters (tokens·r·in elements).
+    Masked dense low rank: x·A_allᵀ for all n slots at once, (tokens, n·r_max); then per slot its B product,
+    scaled, kept by torch.where for the tokens of that slot only. The mask is applied after each slot's B product,
+    so a NaN/Inf in one adapter reaches the rows of that adapter alone (0·NaN would spread it otherwise). It costs n
+    times the FLOPs of one adapter's low-rank part and n small launches, but never gathers per-token copies of the
+    adapters (tokens·r·in elements).
     Ids outside [-1, n) match no slot and so are treated as -1 (base only): checking them would need a sync.
     """
     _check_metadata(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids)
@@ -112,11 +113,13 @@ def _multi_lora_forward_composite(x, weight, bias, lora_A_stack, lora_B_stack, s
     out_features = weight.shape[0]
     y = F.linear(x, weight, bias)
     xa = torch.mm(x.to(acc), lora_A_stack.reshape(n * rank, in_features).to(acc).t()).view(tokens, n, rank)
-    slot = torch.arange(n, device=x.device, dtype=torch.int64)
-    own = (adapter_ids.to(torch.int64).unsqueeze(1) == slot.unsqueeze(0)).unsqueeze(2)  # (tokens, n, 1)
-    scaled = torch.where(own, xa * scalings.to(acc).view(1, n, 1), torch.zeros((), dtype=acc, device=x.device))
-    b_all = lora_B_stack.permute(0, 2, 1).reshape(n * rank, out_features).to(acc)
-    low_rank = torch.mm(scaled.view(tokens, n * rank), b_all)
+    ids = adapter_ids.to(torch.int64).unsqueeze(1)  # (tokens, 1)
+    scale = scalings.to(acc)
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    low_rank = torch.zeros(tokens, out_features, dtype=acc, device=x.device)
+    for i in range(n):
+        term = torch.mm(xa[:, i, :], lora_B_stack[i].to(acc).t()) * scale[i]
+        low_rank = low_rank + torch.where(ids == i, term, zero)
     return (y.to(acc) + low_rank).to(x.dtype)  # the float32 sum rounded once into y's dtype
 
 
@@ -278,6 +281,15 @@ class AdapterStack:
                 self._write(name, adapter)
             elif self._records.get(name) != _adapter_record(adapter):
                 self._write(name, adapter)
+        return self
+
+    @torch.no_grad()
+    def refresh(self, layer, name: Optional[str] = None) -> "AdapterStack":
+        """Rewrite the slot of adapter `name` (every slot when None) from layer.adapters: for edits made through
+        `.data`, which the version counters that sync() relies on do not see."""
+        self.sync(layer)
+        for slot_name in [name] if name is not None else list(self.slots):
+            self._write(slot_name, layer.adapters[slot_name])
         return self
 
     def __repr__(self) -> str:

@@ -1,0 +1,167 @@
+"""Multi-adapter batches (issue 8): one batch, each sequence with its own LoRA adapter, side by side in one process.
+
+    python benchmarks/bench_multi_adapter.py [--json out.json]
+
+Implementations, timed on the same random inputs (median of triton's do_bench on a GPU; of repeated calls on the
+CPU), as ratios to the frozen base layer:
+  base             nn.Linear with a frozen weight (eager; "graph": captured in a CUDA graph and replayed)
+  lora_ext         lora_ext.mixed_adapters(model, names) around the call: names -> slot ids on the host, one copy
+                   to the device, then torch.ops.lora_ext.multi_lora_forward
+  lora_ext ids     the same with the slot ids computed once per batch (lora_ext.adapter_slot_ids), as a server
+                   shares them across layers and steps
+  lora_ext graph   the layer call captured in a CUDA graph with the ids tensor (GPU only)
+  peft             PEFT's mixed batch, model(x, adapter_names=names) (eager)
+Cases follow issue 8's table (in = out = 4096, r = 16, bf16 on a GPU; smaller and float32 on the CPU).
+"""
+import os
+import sys
+
+# benchmarks/profile.py would shadow the standard library's `profile` module, which transformers (imported by
+# PEFT) loads: keep the script's own folder off the import path (as bench_lora.py does).
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import lora_ext  # noqa: E402
+
+try:
+    import peft
+    from peft import LoraConfig, get_peft_model
+except ImportError:  # PEFT is optional: compared when importable
+    peft = None
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def median_ms(fn, on_gpu):
+    if on_gpu:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    for _ in range(3):
+        fn()
+    times = []
+    while len(times) < 20:
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def graph_ms(fn):
+    """Time the replay of fn captured in a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay, True)
+
+
+def build(loaded, width, rank, dtype, device):
+    torch.manual_seed(0)
+    base = nn.Linear(width, width, device=device, dtype=dtype).requires_grad_(False)
+    ours = _Wrapper(copy.deepcopy(base))
+    names = [f"task{i}" for i in range(loaded)]
+    for name in names:
+        lora_ext.inject(ours, ["proj"], r=rank, alpha=2 * rank, adapter_name=name)
+    with torch.no_grad():
+        for adapter in ours.proj.adapters.values():
+            adapter.lora_B.normal_(0, 0.01)  # never zeros
+    theirs = None
+    if peft is not None:
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"])
+        theirs = get_peft_model(_Wrapper(copy.deepcopy(base)), config, adapter_name=names[0])
+        for name in names[1:]:
+            theirs.add_adapter(name, config)
+        layer = theirs.base_model.model.proj
+        with torch.no_grad():
+            for name in names:
+                layer.lora_A[name].weight.copy_(ours.proj.adapters[name].lora_A)
+                layer.lora_B[name].weight.copy_(ours.proj.adapters[name].lora_B)
+        theirs.eval()
+    return base, ours.eval(), theirs, names
+
+
+def run_case(label, sequences, tokens, loaded, used, width, rank, dtype, device):
+    on_gpu = device.type == "cuda"
+    base, ours, theirs, names = build(loaded, width, rank, dtype, device)
+    batch_names = [names[i % used] for i in range(sequences)]
+    x = torch.randn(sequences, tokens, width, device=device, dtype=dtype)
+    ids = lora_ext.adapter_slot_ids(ours, batch_names)
+    row = {"case": label, "sequences": sequences, "tokens": tokens, "loaded": loaded, "used": used, "ms": {}}
+
+    with torch.no_grad():
+        row["ms"]["base"] = median_ms(lambda: base(x), on_gpu)
+
+        def ours_names():
+            with lora_ext.mixed_adapters(ours, batch_names):
+                return ours(x)
+
+        def ours_ids():
+            with lora_ext.mixed_adapters(ours, ids):
+                return ours(x)
+
+        row["ms"]["lora_ext"] = median_ms(ours_names, on_gpu)
+        row["ms"]["lora_ext ids"] = median_ms(ours_ids, on_gpu)
+        if on_gpu:
+            row["ms"]["base graph"] = graph_ms(lambda: base(x))
+            with lora_ext.mixed_adapters(ours, ids):
+                row["ms"]["lora_ext graph"] = graph_ms(lambda: ours(x))
+        if theirs is not None:
+            row["ms"]["peft"] = median_ms(lambda: theirs(x, adapter_names=batch_names), on_gpu)
+            difference = (ours_ids().float() - theirs(x, adapter_names=batch_names).float()).abs().max().item()
+            row["max_abs_difference_vs_peft"] = difference
+    row["ratio"] = {impl: ms / row["ms"]["base graph" if "graph" in impl else "base"] for impl, ms in row["ms"].items()}
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    width = 4096 if on_gpu else 1024
+    prefill = 512 if on_gpu else 64
+    cases = [
+        ("8 seq x prefill, 8 adapters", 8, prefill, 8, 8),
+        ("8 seq x prefill, 64 loaded", 8, prefill, 64, 8),
+        ("32 x 1 token, 4 adapters", 32, 1, 4, 4),
+        ("32 x 1 token, 32 of 64", 32, 1, 64, 32),
+    ]
+    header = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
+              "peft": getattr(peft, "__version__", None), "dtype": str(dtype), "width": width, "rank": 16}
+    print(" | ".join(f"{k} {v}" for k, v in header.items()))
+    rows = []
+    for label, sequences, tokens, loaded, used in cases:
+        row = run_case(label, sequences, tokens, loaded, used, width, 16, dtype, device)
+        rows.append(row)
+        ratios = "  ".join(f"{impl} {r:.2f}x" for impl, r in row["ratio"].items() if impl not in ("base", "base graph"))
+        check = f"  |ours - peft| {row['max_abs_difference_vs_peft']:.1e}" if "max_abs_difference_vs_peft" in row else ""
+        print(f"{label:30s} base {row['ms']['base']:.4f} ms  {ratios}{check}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

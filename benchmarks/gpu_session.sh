@@ -36,6 +36,10 @@ if [ $run_bench -eq 1 ]; then
     2>&1 | tee "$OUT/bench.log" | grep -v "^sweep" | tail -40
 fi
 
+if [ $run_bench -eq 1 ] && [ ${#bench_args[@]} -eq 0 ]; then  # --full: the multi-adapter cases too (issue 8)
+  python3 benchmarks/bench_multi_adapter.py --json "$OUT/bench_multi.json" 2>&1 | tee "$OUT/bench_multi.log" | tail -6
+fi
+
 echo
 echo "===== summary: commit $commit on $(head -1 "$OUT/gpu.txt") ====="
 echo "build: $build_warnings compiler warnings"

@@ -112,13 +112,14 @@ def test_op_token_counts(device, tokens):
 def test_padding_adds_exactly_zero(device):
     """An adapter padded to r_max gives bit for bit what the same adapter stacked alone at its own rank gives."""
     in_f, out_f, tokens = 24, 16, 9
-    A, B, s = make_stack([3, 8], in_f, out_f, torch.float64, device)
-    weight, bias = make_base(in_f, out_f, torch.float64, device)
-    x = make_x(tokens, in_f, torch.float64, device)
+    dtype = torch.float64 if device == "cpu" else torch.float32  # CUDA's dtypes: float32, float16, bfloat16
+    A, B, s = make_stack([3, 8], in_f, out_f, dtype, device)
+    weight, bias = make_base(in_f, out_f, dtype, device)
+    x = make_x(tokens, in_f, dtype, device)
     ids = torch.zeros(tokens, dtype=torch.int64, device=device)
     padded = run_op(x, weight, bias, A, B, s, ids)
     alone = run_op(x, weight, bias, A[:1, :3].contiguous(), B[:1, :, :3].contiguous(), s[:1], ids)
-    assert_rel_close(padded, alone, torch.float64)
+    assert_rel_close(padded, alone, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -102,6 +102,10 @@ void merge_exact_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Ten
   check_scaling(scaling, op);
   LORA_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
   LORA_CHECK(weight.scalar_type() != at::kDouble, op, ": float64 weights merge exactly with merge_ already");
+  check_same_device(record_index, "record_index", weight, op, "weight");
+  check_same_device(record_bits, "record_bits", weight, op, "weight");
+  check_same_device(state, "state", weight, op, "weight");
+  check_same_device(tile_done, "tile_done", weight, op, "weight");
   const int64_t tiles = ((weight.size(0) + kRows - 1) / kRows) * ((weight.size(1) + kCols - 1) / kCols);
   LORA_CHECK(tile_done.scalar_type() == at::kByte && tile_done.numel() == tiles && tile_done.is_contiguous(), op,
              ": tile_done must be a contiguous uint8 tensor of ", tiles, " elements");

@@ -1,13 +1,10 @@
 // CPU kernel of lora_ext::multi_lora_forward (multi-adapter batches, inference): every token names its
 // adapter slot in a stack of adapters. The base x·Wᵀ + b comes from ATen's BLAS (as in lora_forward); the
-// low-rank term of each token is computed in the accumulation type (float32, float64 for float64 x) and
-// added to y with one rounding. Tokens run in parallel (at::parallel_for); each token reads its own slot of
-// the stacks, so no grouping by adapter is needed. Padding rows of A / columns of B are zero and add exactly
-// zero (for finite x).
+// low-rank term is computed in the accumulation type (float32, float64 for float64 x) by BLAS, per adapter slot
+// over the tokens that name it, and added to y with one rounding. Padding rows of A / columns of B are zero
+// and add exactly zero (for finite x).
 #include "../error_message.h"
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -30,48 +27,36 @@ void check_ids_in_range(const at::Tensor& ids, int64_t adapters, const char* op)
   }
 }
 
-template <typename scalar_t, typename adapter_t, typename acc_t, typename id_t>
+// Tokens grouped by slot (on the host: this is the CPU backend), then per slot used two BLAS products over its
+// tokens: xa = x_g·A[a]ᵀ and y_g += s[a]·xa·B[a]ᵀ in the accumulation type, rounded once into y. Work and memory
+// follow the slots the batch uses, not how many are loaded.
+template <typename id_t>
+std::vector<std::vector<int64_t>> tokens_by_slot(const at::Tensor& ids, int64_t adapters) {
+  std::vector<std::vector<int64_t>> groups(adapters);
+  const id_t* data = ids.data_ptr<id_t>();
+  for (int64_t t = 0; t < ids.numel(); ++t) {
+    const int64_t a = static_cast<int64_t>(data[t]);
+    if (a >= 0) groups[a].push_back(t);
+  }
+  return groups;
+}
+
 void add_low_rank_terms(const at::Tensor& x, const at::Tensor& lora_A_stack, const at::Tensor& lora_B_stack,
                         const at::Tensor& scalings, const at::Tensor& ids, at::Tensor& y, const MultiLoraDims& d) {
-  const scalar_t* x_data = x.data_ptr<scalar_t>();
-  const adapter_t* a_data = lora_A_stack.data_ptr<adapter_t>();
-  const adapter_t* b_data = lora_B_stack.data_ptr<adapter_t>();
-  const id_t* id_data = ids.data_ptr<id_t>();
-  scalar_t* y_data = y.data_ptr<scalar_t>();
-  const int64_t in = d.in_features, out = d.out_features, rank = d.max_rank;
-  // Scalings as the accumulation type: read once, on the host (CPU tensors).
-  std::vector<acc_t> scale(d.adapters);
-  {
-    const at::Tensor s = scalings.to(at::kDouble).contiguous();
-    const double* s_data = s.data_ptr<double>();
-    for (int64_t a = 0; a < d.adapters; ++a) scale[a] = static_cast<acc_t>(s_data[a]);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto groups = ids.scalar_type() == at::kLong ? tokens_by_slot<int64_t>(ids, d.adapters)
+                                                     : tokens_by_slot<int32_t>(ids, d.adapters);
+  const at::Tensor scale = scalings.to(at::kDouble).contiguous();
+  const double* scale_data = scale.data_ptr<double>();
+  for (int64_t a = 0; a < d.adapters; ++a) {
+    if (groups[a].empty()) continue;
+    const at::Tensor rows = at::tensor(groups[a], at::TensorOptions().dtype(at::kLong));
+    const at::Tensor x_g = x.index_select(0, rows).to(acc);
+    const at::Tensor xa = at::mm(x_g, lora_A_stack[a].to(acc).t());
+    at::Tensor y_g = y.index_select(0, rows).to(acc);
+    y_g.addmm_(xa, lora_B_stack[a].to(acc).t(), /*beta=*/1, /*alpha=*/scale_data[a]);
+    y.index_copy_(0, rows, y_g.to(y.scalar_type()));  // one rounding of the float32 (float64) sum
   }
-  // A grain of a few tokens: each token costs r_max · (in + out) multiply-adds.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, rank * (in + out)));
-  at::parallel_for(0, d.tokens, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xa(rank);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t a = static_cast<int64_t>(id_data[t]);
-      if (a < 0) continue;  // -1: the base layer alone
-      const scalar_t* xt = x_data + t * in;
-      const adapter_t* A = a_data + a * rank * in;
-      const adapter_t* B = b_data + a * out * rank;
-      for (int64_t k = 0; k < rank; ++k) {
-        const adapter_t* Ak = A + k * in;
-        acc_t sum = 0;
-        for (int64_t i = 0; i < in; ++i) sum += static_cast<acc_t>(xt[i]) * static_cast<acc_t>(Ak[i]);
-        xa[k] = sum;
-      }
-      const acc_t s = scale[a];
-      scalar_t* yt = y_data + t * out;
-      for (int64_t o = 0; o < out; ++o) {
-        const adapter_t* Bo = B + o * rank;
-        acc_t sum = 0;
-        for (int64_t k = 0; k < rank; ++k) sum += xa[k] * static_cast<acc_t>(Bo[k]);
-        yt[o] = static_cast<scalar_t>(static_cast<acc_t>(yt[o]) + s * sum);  // one rounding of the sum
-      }
-    }
-  });
 }
 
 at::Tensor multi_lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -88,30 +73,7 @@ at::Tensor multi_lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
   }
   at::Tensor y = at::linear(x, weight, bias).contiguous();
   if (d.tokens == 0) return y;
-  const at::Tensor x_c = x.contiguous();
-  const at::Tensor A = lora_A_stack.contiguous();
-  const at::Tensor B = lora_B_stack.contiguous();
-  const bool float_adapters = A.scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_ext_multi_lora_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto run = [&](auto adapter_tag, auto id_tag) {
-      using adapter_t = decltype(adapter_tag);
-      using id_t = decltype(id_tag);
-      add_low_rank_terms<scalar_t, adapter_t, acc_t, id_t>(x_c, A, B, scalings, ids, y, d);
-    };
-    const auto with_ids = [&](auto adapter_tag) {
-      if (ids.scalar_type() == at::kLong) {
-        run(adapter_tag, int64_t{});
-      } else {
-        run(adapter_tag, int32_t{});
-      }
-    };
-    if (float_adapters) {
-      with_ids(float{});
-    } else {
-      with_ids(scalar_t{});
-    }
-  });
+  add_low_rank_terms(x, lora_A_stack, lora_B_stack, scalings, ids, y, d);
   return y;
 }
 

@@ -95,7 +95,8 @@ __global__ void __launch_bounds__(kExpandThreads)
   float acc = 0.f;
   for (int64_t j = 0; j < rank; ++j) acc = fmaf(xa_row[j], static_cast<float>(Bo[j]), acc);
   T* yo = y + t * out_features + o;
-  *yo = static_cast<T>(static_cast<float>(*yo) + scalings[a] * acc);
+  // s·Σ rounded, then added and rounded once into y's dtype, as the CPU kernel does (no FMA contraction).
+  *yo = static_cast<T>(__fadd_rn(static_cast<float>(*yo), __fmul_rn(scalings[a], acc)));
 }
 
 at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -120,6 +121,7 @@ at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight
   LORA_CHECK(expand_smem <= 48 * 1024, op, ": r_max = ", d.max_rank, " is over this kernel's limit of ",
              48 * 1024 / sizeof(float));
   LORA_CHECK(expand_grid.y <= 65535u, op, ": out_features = ", d.out_features, " is over this kernel's limit");
+  LORA_CHECK(d.tokens <= INT32_MAX, op, ": at most 2^31 - 1 tokens per call, got ", d.tokens);
   dispatch_activation_and_adapter(x.scalar_type(), A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using T = decltype(act_tag);
     using TW = decltype(adapter_tag);

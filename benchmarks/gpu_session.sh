@@ -27,7 +27,7 @@ python3 -c "import lora_ext; assert lora_ext.cuda_kernels_available(); print('CU
 
 test_summary="not run"
 if [ $run_tests -eq 1 ]; then
-  python3 -m pytest tests -q -p no:cacheprovider -rf 2>&1 | tee "$OUT/pytest.log" | tail -40
+  python3 -m pytest tests -q -p no:cacheprovider -rfs 2>&1 | tee "$OUT/pytest.log" | tail -40
   test_summary=$(grep -E "passed|failed|error" "$OUT/pytest.log" | tail -1)
 fi
 

@@ -1,0 +1,130 @@
+"""Where the time goes, per kernel, for the benchmark rows that miss their targets (GPU only).
+
+    python benchmarks/kernel_breakdown.py [--cases fwd_bwd_r4,merge,...]
+
+For each case: a few warm-up calls, then torch.profiler over --iters calls; prints the host (CPU) time per call
+and each CUDA kernel's time per call, largest first. A diagnostic for docs/perf-notes.md, not a benchmark:
+profiler overhead inflates the host time, so take ratios from bench_lora.py.
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+
+import lora_ext
+
+
+def training_step(rank, tokens=8192, width=4096, dropout=0.0):
+    layer = lora_ext.LoRALinear(width, width, r=rank, alpha=2 * rank, dropout=dropout, device="cuda",
+                                dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.01)
+    x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        layer(x).backward(dy)
+    return step
+
+
+def forward_only(rank, tokens, width=4096):
+    layer = lora_ext.LoRALinear(width, width, r=rank, alpha=2 * rank, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.01)
+    x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+
+    @torch.no_grad()
+    def step():
+        layer(x)
+    return step
+
+
+def merge_pair(width=4096, rank=16):
+    layer = lora_ext.LoRALinear(width, width, r=rank, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.01)
+
+    def step():
+        layer.merge()
+        layer.unmerge()
+    return step
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def multi_adapter(sequences, tokens, loaded, used, width=4096, rank=16):
+    base = nn.Linear(width, width, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    model = _Wrapper(base)
+    names = [f"task{i}" for i in range(loaded)]
+    for name in names:
+        lora_ext.inject(model, ["proj"], r=rank, alpha=2 * rank, adapter_name=name)
+    with torch.no_grad():
+        for adapter in model.proj.adapters.values():
+            adapter.lora_B.normal_(0, 0.01)
+    model.eval()
+    ids = lora_ext.adapter_slot_ids(model, [names[i % used] for i in range(sequences)])
+    x = torch.randn(sequences, tokens, width, device="cuda", dtype=torch.bfloat16)
+
+    @torch.no_grad()
+    def step():
+        with lora_ext.mixed_adapters(model, ids):
+            model(x)
+    return step
+
+
+CASES = {
+    "fwd_bwd_r4": lambda: training_step(4),
+    "fwd_bwd_r16": lambda: training_step(16),
+    "fwd_bwd_r64": lambda: training_step(64),
+    "fwd_bwd_r128": lambda: training_step(128),
+    "fwd_r16": lambda: forward_only(16, 8192),
+    "decode_1": lambda: forward_only(16, 1),
+    "merge": merge_pair,
+    "multi_prefill_8": lambda: multi_adapter(8, 512, 8, 8),
+    "multi_decode_32of64": lambda: multi_adapter(32, 1, 64, 32),
+}
+
+
+def breakdown(name, make, iters, top):
+    step = make()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: -e.device_time_total)
+    gpu_us = sum(e.device_time_total for e in kernels) / iters
+    print(f"== {name}: GPU {gpu_us:.1f} us/call over {sum(e.count for e in kernels) / iters:.1f} kernels")
+    for e in kernels[:top]:
+        print(f"   {e.device_time_total / iters:8.1f} us  x{e.count / iters:4.1f}  {e.key[:110]}")
+    host = sorted((e for e in events if e.cpu_time_total > 0 and e.key.startswith(("aten::", "lora_ext::",
+                                                                                   "cuda"))),
+                  key=lambda e: -e.self_cpu_time_total)[:6]
+    print("   host self time: " + ", ".join(f"{e.key} {e.self_cpu_time_total / iters:.0f}us" for e in host))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--top", type=int, default=8)
+    args = parser.parse_args()
+    for name in args.cases.split(","):
+        torch.manual_seed(0)
+        breakdown(name, CASES[name], args.iters, args.top)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,8 @@
 lora_decode.cuh). Each case here sits on one side of a boundary between them, and is checked against the
 float64 reference through test_ops' forward and backward checks: the fused decoding kernel (≤ 32 tokens,
 r % 8 == 0, r ≤ 32), the tensor-core shrink (≥ 512 tokens, with a tail of tokens % 16 rows on the general
-kernel), the tensor-core expand and token reduction (r % 8 == 0, r ≤ 64, widths % 8 == 0), and their
+kernel), the tensor-core expand (r ≤ 128) and token reduction (r ≤ 64, larger ranks in chunks of 64), with ranks that are
+not a multiple of 8 zero-padded, the shrink in chunks of 64 ranks above r = 64, widths % 8 == 0, and their
 float32-FMA fallbacks."""
 
 import pytest
@@ -25,7 +26,14 @@ PATH_SHAPES = [
     pytest.param((512, 256, 128, 8), id="wmma-r8"),
     pytest.param((530, 200, 72, 40), id="wmma-rpad64"),
     pytest.param((600, 256, 128, 64), id="wmma-r64"),
-    pytest.param((520, 256, 128, 3), id="fma-r3"),
+    pytest.param((520, 256, 128, 3), id="wmma-r3-padded8"),
+    pytest.param((520, 256, 128, 4), id="wmma-r4-padded8"),
+    pytest.param((517, 264, 136, 12), id="wmma-r12-padded16-tail5"),
+    pytest.param((520, 256, 128, 72), id="wmma-r72-two-chunks"),
+    pytest.param((531, 256, 136, 128), id="wmma-r128-rpad128-tail3"),
+    pytest.param((520, 128, 128, 130), id="wmma-r130-padded-chunk"),
+    pytest.param((16, 256, 128, 128), id="general-decode-r128"),
+    pytest.param((520, 256, 128, 200), id="fma-expand-r200"),
     pytest.param((520, 256, 67, 16), id="fma-expand-out67"),
     pytest.param((520, 100, 128, 16), id="fma-in100"),
 ]

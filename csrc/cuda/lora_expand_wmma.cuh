@@ -21,6 +21,10 @@
 namespace lora_ext {
 namespace cuda {
 
+// Ranks up to this go in one pass (r ≤ 64 keeps its staging and product buffers apart; r = 128 reuses
+// the staging buffers for the product, to stay within 48 KB of static shared memory).
+constexpr int64_t kExpandWmmaMaxRank = 128;
+
 namespace expand_wmma_detail {
 constexpr int kTile = 64;
 constexpr int kOutPitch = kTile + 8;  // float32 staging pitch: 288 bytes, fragments stay 32-byte aligned
@@ -31,10 +35,17 @@ __global__ void __launch_bounds__(128) lora_expand_wmma_kernel(const ExpandParam
   using namespace expand_wmma_detail;
   using namespace nvcuda;
   using MmaT = typename WmmaType<T>::type;
+  static_assert(RPAD % 16 == 0 && RPAD <= kExpandWmmaMaxRank, "RPAD must be 16, 32, 64 or 128");
   constexpr int kPitch = RPAD + 8;
-  __shared__ __align__(32) T left_tile[kTile][kPitch];
-  __shared__ __align__(32) T right_tile[kTile][kPitch];  // [n][j]: column-major (j × n) for the MMA
-  __shared__ __align__(32) float out_tile[4][16][kOutPitch];
+  constexpr size_t kStageBytes = 2 * kTile * kPitch * sizeof(T);
+  constexpr size_t kProductBytes = 4 * 16 * kOutPitch * sizeof(float);
+  constexpr bool kReuseStaging = RPAD > 64;  // the product overwrites the staged tiles once all warps used them
+  constexpr size_t kSharedBytes =
+      kReuseStaging ? (kStageBytes > kProductBytes ? kStageBytes : kProductBytes) : kStageBytes + kProductBytes;
+  __shared__ __align__(32) unsigned char shared[kSharedBytes];
+  auto left_tile = reinterpret_cast<T(*)[kPitch]>(shared);
+  auto right_tile = reinterpret_cast<T(*)[kPitch]>(shared + kTile * kPitch * sizeof(T));  // [n][j]: (j × n) column-major
+  auto out_tile = reinterpret_cast<float(*)[16][kOutPitch]>(shared + (kReuseStaging ? 0 : kStageBytes));
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTile, n0 = static_cast<int64_t>(blockIdx.y) * kTile;
@@ -88,17 +99,26 @@ __global__ void __launch_bounds__(128) lora_expand_wmma_kernel(const ExpandParam
   for (int kk = 0; kk < RPAD / 16; ++kk) {
     wmma::load_matrix_sync(a[kk], reinterpret_cast<const MmaT*>(&left_tile[warp * 16][kk * 16]), kPitch);
   }
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kTile / 16];
 #pragma unroll
   for (int f = 0; f < kTile / 16; ++f) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.f);
+    wmma::fill_fragment(acc[f], 0.f);
 #pragma unroll
     for (int kk = 0; kk < RPAD / 16; ++kk) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, MmaT, wmma::col_major> b;
       wmma::load_matrix_sync(b, reinterpret_cast<const MmaT*>(&right_tile[f * 16][kk * 16]), kPitch);
-      wmma::mma_sync(acc, a[kk], b, acc);
+      wmma::mma_sync(acc[f], a[kk], b, acc[f]);
     }
-    wmma::store_matrix_sync(&out_tile[warp][0][f * 16], acc, kOutPitch, wmma::mem_row_major);
+    if constexpr (!kReuseStaging) {
+      wmma::store_matrix_sync(&out_tile[warp][0][f * 16], acc[f], kOutPitch, wmma::mem_row_major);
+    }
+  }
+  if constexpr (kReuseStaging) {
+    __syncthreads();  // every warp is done with the staged tiles
+#pragma unroll
+    for (int f = 0; f < kTile / 16; ++f) {
+      wmma::store_matrix_sync(&out_tile[warp][0][f * 16], acc[f], kOutPitch, wmma::mem_row_major);
+    }
   }
   __syncwarp();
 
@@ -137,7 +157,7 @@ inline bool expand_wmma_supported(const at::Tensor& c, const at::Tensor& left, c
     if (!aligned16(t->data_ptr())) return false;
   }
   const int64_t rank = left.size(1), m = c.size(0), n = c.size(1);
-  if (rank > 64 || rank % 8 != 0 || n % 8 != 0) return false;
+  if (rank > kExpandWmmaMaxRank || rank % 8 != 0 || n % 8 != 0) return false;
   if (c.stride(1) != 1 || (m > 1 && c.stride(0) % 8 != 0) || !aligned16(c.data_ptr())) return false;
   if (left.stride(1) != 1 || (m > 1 && left.stride(0) % 8 != 0)) return false;
   const bool right_rank_contiguous = right.stride(1) == 1 && (n <= 1 || right.stride(0) % 8 == 0);
@@ -184,8 +204,10 @@ void launch_expand_wmma(const at::Tensor& c, const at::Tensor& left, const at::T
     launch(std::integral_constant<int, 16>{});
   } else if (p.rank <= 32) {
     launch(std::integral_constant<int, 32>{});
-  } else {
+  } else if (p.rank <= 64) {
     launch(std::integral_constant<int, 64>{});
+  } else {
+    launch(std::integral_constant<int, 128>{});
   }
 }
 

@@ -77,7 +77,26 @@ __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParam
                             : make_uint4(0, 0, 0, 0);
     }
   };
-  if (chunk_begin < chunk_end) load_x(chunk_begin * kTileK);
+  // W (same type as X, K-contiguous: the forward's A and the backward's Bᵀ copy): prefetched like X, since its
+  // reads come from L2 on every chunk and, waited for in the loop, left the kernel at half of HBM bandwidth.
+  constexpr bool kPrefetchW = W_K_CONTIGUOUS && std::is_same_v<TW, T>;
+  constexpr int kWLoads = RPAD * 8 / 32;  // 16-byte vectors of a RPAD × 64 tile, per lane
+  uint4 w_next[kPrefetchW ? kWLoads : 1];
+  auto load_w = [&](int64_t k0) {
+    if constexpr (kPrefetchW) {
+#pragma unroll
+      for (int i = 0; i < kWLoads; ++i) {
+        const int v = lane + 32 * i, j = v / 8, c = (v % 8) * 8;
+        const int64_t col = k0 + c;
+        w_next[i] = (j < p.rank && col < p.k) ? *reinterpret_cast<const uint4*>(w + j * p.w_stride_j + col)
+                                              : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  if (chunk_begin < chunk_end) {
+    load_x(chunk_begin * kTileK);
+    load_w(chunk_begin * kTileK);
+  }
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     const int64_t k0 = chunk * kTileK;
 #pragma unroll
@@ -91,7 +110,14 @@ __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParam
     }
     if (chunk + 1 < chunk_end) load_x(k0 + kTileK);
     // W: RPAD rows (ranks ≥ r are zero) × 64 columns of K.
-    if constexpr (W_K_CONTIGUOUS) {
+    if constexpr (kPrefetchW) {
+#pragma unroll
+      for (int i = 0; i < kWLoads; ++i) {
+        const int v = lane + 32 * i, j = v / 8, c = (v % 8) * 8;
+        *reinterpret_cast<uint4*>(&w_tile[warp][j][c]) = w_next[i];
+      }
+      if (chunk + 1 < chunk_end) load_w(k0 + kTileK);
+    } else if constexpr (W_K_CONTIGUOUS) {
 #pragma unroll
       for (int i = 0; i < RPAD * 8 / 32; ++i) {
         const int v = lane + 32 * i, j = v / 8, c = (v % 8) * 8;

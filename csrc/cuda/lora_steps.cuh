@@ -9,6 +9,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include "lora_expand.cuh"
 #include "lora_expand_wmma.cuh"
 #include "lora_gemm_launch.cuh"
@@ -22,6 +24,29 @@ namespace cuda {
 // Below this many tokens the tensor-core shrink has too few blocks to fill the GPU, and the general
 // kernel's K split wins.
 constexpr int64_t kShrinkWmmaMinTokens = 512;
+// The tensor-core kernels stage at most this many ranks at once (shared memory); larger ranks go in chunks.
+constexpr int64_t kWmmaMaxRank = 64;
+
+// From this rank up, the shrink and the token reduction without dropout go to cuBLAS (16-bit operands, float32
+// accumulation and output: aten::mm.dtype), which streams X at these ranks faster than our tensor-core kernels
+// (measured on an H100, docs/perf-notes.md v6); the results keep their meaning: float32 sums of 16-bit products,
+// scaled in float32. With dropout, our kernels draw the mask inside the pass instead of materialising it.
+constexpr int64_t kCublasMinRank = 64;
+
+// out (rows × r, float32, contiguous) = alpha · left·right, 16-bit operands, on cuBLAS.
+inline void mm_float_out(at::Tensor& out, const at::Tensor& left, const at::Tensor& right, double alpha) {
+  at::mm_out(out, left, right, at::kFloat);
+  if (alpha != 1.0) out.mul_(alpha);
+}
+
+// The tensor-core expand and token-reduce load ranks 8 at a time. A rank-contiguous (rows × r) operand with
+// r % 8 != 0 gets a zero-padded (rows × ⌈r/8⌉·8) copy: the zero ranks add exact zeros, and the operands are
+// small (adapters, or tokens × r float32), so the copy costs far less than the general kernels it avoids.
+inline at::Tensor pad_ranks_to_8(const at::Tensor& t) {
+  const int64_t rank = t.size(1), padded = (rank + 7) / 8 * 8;
+  if (padded == rank) return t;
+  return at::constant_pad_nd(t, {0, padded - rank}, 0);
+}
 
 // out (tokens × r, float32, contiguous) = alpha · dropout(x)·w_rkᵀ, where w_rk is a (r × K) view.
 template <typename act_t, typename adapter_t>
@@ -29,6 +54,24 @@ void shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, double
             uint32_t threshold) {
   const int64_t tokens = x.size(0), rank = w_rk.size(0), k = x.size(1);
   const bool dropout = dropout_seed != nullptr;
+  if constexpr (!std::is_same_v<act_t, float>) {
+    if (!dropout && rank >= kCublasMinRank && tokens >= kShrinkWmmaMinTokens) {
+      // W rounded to X's type first (a small copy for float32 adapters), as our kernels do when staging it.
+      mm_float_out(out, x, w_rk.to(x.scalar_type()).t(), alpha);
+      return;
+    }
+    if (rank > kWmmaMaxRank && tokens >= kShrinkWmmaMinTokens) {
+      // One pass over x per 64 ranks, each into a contiguous block that is then copied into out's columns:
+      // another read of x costs less than the general kernel does at these ranks.
+      for (int64_t j0 = 0; j0 < rank; j0 += kWmmaMaxRank) {
+        const int64_t chunk = std::min(kWmmaMaxRank, rank - j0);
+        at::Tensor part = at::empty({tokens, chunk}, out.options());
+        shrink<act_t, adapter_t>(part, x, w_rk.narrow(0, j0, chunk), alpha, dropout_seed, threshold);
+        out.narrow(1, j0, chunk).copy_(part);
+      }
+      return;
+    }
+  }
   int64_t done = 0;
   if constexpr (!std::is_same_v<act_t, float>) {
     if (tokens >= kShrinkWmmaMinTokens && shrink_wmma_supported(x, w_rk, rank)) {
@@ -58,7 +101,13 @@ template <typename TL, typename TR, typename TC, bool DROPOUT>
 void expand_add_step(const at::Tensor& c, const at::Tensor& left, const at::Tensor& right, double alpha,
                      const int64_t* dropout_seed = nullptr, uint32_t threshold = 0) {
   if constexpr (!std::is_same_v<TC, float>) {
-    if (expand_wmma_supported(c, left, right)) {
+    if (left.size(1) % 8 != 0 && left.size(1) <= kExpandWmmaMaxRank) {
+      const at::Tensor left_padded = pad_ranks_to_8(left), right_padded = pad_ranks_to_8(right);
+      if (expand_wmma_supported(c, left_padded, right_padded)) {
+        launch_expand_wmma<TC, TL, TR, DROPOUT>(c, left_padded, right_padded, alpha, dropout_seed, threshold);
+        return;
+      }
+    } else if (expand_wmma_supported(c, left, right)) {
       launch_expand_wmma<TC, TL, TR, DROPOUT>(c, left, right, alpha, dropout_seed, threshold);
       return;
     }
@@ -75,9 +124,34 @@ void token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tens
     return;
   }
   if constexpr (!std::is_same_v<TM, float>) {
-    if (token_reduce_wmma_supported(matrix, right)) {
-      launch_token_reduce_wmma<TM, DROPOUT>(out, matrix, right, alpha, dropout_seed, threshold);
+    const int64_t rank = right.size(1);
+    if (!DROPOUT && rank >= kCublasMinRank && matrix.size(0) >= kShrinkWmmaMinTokens) {
+      // R rounded to M's type, as our kernels do when staging it (PEFT's bf16 LoRA rounds it too).
+      mm_float_out(out, matrix.t(), right.to(matrix.scalar_type()), alpha);
       return;
+    }
+    if (rank <= kWmmaMaxRank && rank % 8 == 0) {
+      if (token_reduce_wmma_supported(matrix, right)) {
+        launch_token_reduce_wmma<TM, DROPOUT>(out, matrix, right, alpha, dropout_seed, threshold);
+        return;
+      }
+    } else {
+      // Ranks in chunks of at most 64 (one pass over M each), each zero-padded to a multiple of 8.
+      std::vector<at::Tensor> chunks;
+      bool supported = true;
+      for (int64_t j0 = 0; j0 < rank && supported; j0 += kWmmaMaxRank) {
+        chunks.push_back(pad_ranks_to_8(right.narrow(1, j0, std::min(kWmmaMaxRank, rank - j0)).contiguous()));
+        supported = token_reduce_wmma_supported(matrix, chunks.back());
+      }
+      if (supported) {
+        for (size_t i = 0; i < chunks.size(); ++i) {
+          const int64_t j0 = static_cast<int64_t>(i) * kWmmaMaxRank, width = std::min(kWmmaMaxRank, rank - j0);
+          at::Tensor part = at::empty({matrix.size(1), chunks[i].size(1)}, out.options());
+          launch_token_reduce_wmma<TM, DROPOUT>(part, matrix, chunks[i], alpha, dropout_seed, threshold);
+          out.narrow(1, j0, width).copy_(part.narrow(1, 0, width));
+        }
+        return;
+      }
     }
   }
   token_reduce<TM, DROPOUT>(out, matrix, right, alpha, dropout_seed, threshold);

@@ -2,15 +2,18 @@
 //   xa[t, :] = keep_scale · dropout(x[t, :])·Aᵀ   (written out: backward needs it)
 //   y[t, :] += s · xa[t, :]·Bᵀ
 // At decoding sizes the cost is launches and latency, not bytes (PERF-FACTS: each extra kernel costs
-// 6–10 µs against a 24 µs base GEMM), so shrink and expand share one kernel. Grid: one block per token.
-// Block: 256 threads; each reduces its share of K for all r ranks in float32, the block adds the shares in
-// a fixed order (warp shuffles, then 8 warp sums), then each thread updates 8 consecutive outputs at a
-// time. Bytes: x and y rows once; A and B once per token (from L2 after the first token).
+// 6–10 µs against a 24 µs base GEMM), so shrink and expand share one kernel. Grid: a cluster of 8 blocks
+// per token (sm_90 thread-block clusters; one block per token before sm_90). Block b reduces its eighth of K for all r ranks in float32 (warp
+// shuffles, then the warp sums in a fixed order); the cluster adds the eight partials through distributed
+// shared memory, in block order, so every block holds the same xa; block b then updates its eighth of y's
+// columns, 8 consecutive outputs per thread. Bytes: x and y rows once; A and B once per token (from L2
+// after the first token), each SM reading an eighth of them.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <cooperative_groups.h>
 
 #include "wmma_tiles.cuh"
 
@@ -51,8 +54,119 @@ __device__ __forceinline__ void load8_float(const T* src, float (&out)[8]) {
   }
 }
 
+// A cluster of kDecodeClusterBlocks blocks per token (Hopper thread-block clusters): block b reduces its
+// 1/8 of K into a partial x·Aᵀ in its shared memory; after a cluster barrier every block adds the eight
+// partials from distributed shared memory in the same fixed order (so all hold bit-identical xa), and
+// updates its 1/8 of y's columns. One block per token left a single SM streaming all of A and B (≈9 µs);
+// here each SM reads 1/8 of them.
+constexpr int kDecodeClusterBlocks = 8;
+constexpr int kDecodeThreads = 128;
+
+// Launched with a cluster dimension of kDecodeClusterBlocks (launch_decode), on sm_90 and later only.
 template <typename T, typename TW, int RPAD, bool DROPOUT>
-__global__ void __launch_bounds__(256) lora_decode_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kDecodeThreads) lora_decode_cluster_kernel(const DecodeParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int kWarps = kDecodeThreads / 32;
+  __shared__ float warp_sums[kWarps][RPAD];
+  __shared__ float block_partial[RPAD];
+  __shared__ float activation[RPAD];
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int part = static_cast<int>(cluster.block_rank());  // blockIdx.x: the K range and column range
+  const int64_t t = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* x = static_cast<const T*>(p.x) + t * p.x_stride_t;
+  const TW* lora_A = static_cast<const TW*>(p.lora_A);
+  const TW* lora_B = static_cast<const TW*>(p.lora_B);
+
+  uint64_t seed = 0;
+  if constexpr (DROPOUT) seed = static_cast<uint64_t>(*p.dropout_seed);
+
+  // 1. This block's share of K, in 8-element vectors.
+  const int64_t vectors = p.k / 8;
+  const int64_t v_begin = vectors * part / kDecodeClusterBlocks, v_end = vectors * (part + 1) / kDecodeClusterBlocks;
+  float partial[RPAD];
+#pragma unroll
+  for (int j = 0; j < RPAD; ++j) partial[j] = 0.f;
+  for (int64_t v = v_begin + threadIdx.x; v < v_end; v += kDecodeThreads) {
+    const int64_t k = v * 8;
+    float xv[8];
+    load8_float(x + k, xv);
+    if constexpr (DROPOUT) {
+      const unsigned keep = dropout_keep8(seed, t, k >> 3, p.dropout_threshold);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) xv[q] = ((keep >> q) & 1u) ? xv[q] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < RPAD; ++j) {
+      if (j < p.rank) {
+        float av[8];
+        load8_float(lora_A + j * p.a_stride_j + k, av);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) partial[j] = fmaf(xv[q], av[q], partial[j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < RPAD; ++j) {
+    float v = partial[j];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (lane == 0) warp_sums[warp][j] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < RPAD) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][threadIdx.x];
+    block_partial[threadIdx.x] = sum;
+  }
+
+  // 2. The cluster's partials, summed in block order from distributed shared memory.
+  cluster.sync();
+  if (threadIdx.x < p.rank) {
+    float sum = 0.f;
+#pragma unroll
+    for (int b = 0; b < kDecodeClusterBlocks; ++b) sum += cluster.map_shared_rank(block_partial, b)[threadIdx.x];
+    sum *= p.keep_scale;
+    activation[threadIdx.x] = sum;
+    if (part == 0) p.lora_activation[t * p.rank + threadIdx.x] = sum;
+  }
+  cluster.sync();  // no block leaves (freeing its shared memory) while another still reads it
+
+  // 3. This block's share of y's columns: y += s · xa·Bᵀ, rounded once.
+  T* y = static_cast<T*>(p.y) + t * p.y_stride_t;
+  const int64_t out_vectors = p.n / 8;
+  const int64_t o_begin = out_vectors * part / kDecodeClusterBlocks,
+                o_end = out_vectors * (part + 1) / kDecodeClusterBlocks;
+  for (int64_t ov = o_begin + threadIdx.x; ov < o_end; ov += kDecodeThreads) {
+    const int64_t o = ov * 8;
+    Pack8<T> out;
+    out.bits = *reinterpret_cast<const uint4*>(y + o);
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      acc[e] = 0.f;
+#pragma unroll
+      for (int j0 = 0; j0 < RPAD; j0 += 8) {
+        if (j0 < p.rank) {
+          float bv[8];
+          load8_float(lora_B + (o + e) * p.b_stride_n + j0, bv);
+#pragma unroll
+          for (int q = 0; q < 8; ++q) acc[e] = fmaf(activation[j0 + q], bv[q], acc[e]);
+        }
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out.v[e] = T(static_cast<float>(out.v[e]) + p.scaling * acc[e]);
+    *reinterpret_cast<uint4*>(y + o) = out.bits;
+  }
+#endif
+}
+
+// Before sm_90 (no clusters): one block of 256 threads per token does all of it.
+template <typename T, typename TW, int RPAD, bool DROPOUT>
+__global__ void __launch_bounds__(256) lora_decode_block_kernel(const DecodeParams p) {
   __shared__ float warp_sums[8][RPAD];
   __shared__ float activation[RPAD];
   const int64_t t = blockIdx.x;
@@ -161,13 +275,34 @@ void launch_decode(at::Tensor& y, at::Tensor& lora_activation, const at::Tensor&
   p.dropout_seed = dropout_seed;
   p.dropout_threshold = dropout_threshold;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const unsigned blocks = static_cast<unsigned>(x.size(0));
+  const auto launch = [&](auto rpad_tag, auto dropout_tag) {
+    constexpr int RPAD = decltype(rpad_tag)::value;
+    constexpr bool DROPOUT = decltype(dropout_tag)::value;
+    if (at::cuda::getCurrentDeviceProperties()->major >= 9) {
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(kDecodeClusterBlocks, static_cast<unsigned>(x.size(0)));  // a cluster per token
+      config.blockDim = dim3(kDecodeThreads);
+      config.stream = stream;
+      cudaLaunchAttribute cluster{};
+      cluster.id = cudaLaunchAttributeClusterDimension;
+      cluster.val.clusterDim.x = kDecodeClusterBlocks;
+      cluster.val.clusterDim.y = 1;
+      cluster.val.clusterDim.z = 1;
+      config.attrs = &cluster;
+      config.numAttrs = 1;
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, lora_decode_cluster_kernel<T, TW, RPAD, DROPOUT>, p));
+    } else {
+      lora_decode_block_kernel<T, TW, RPAD, DROPOUT><<<static_cast<unsigned>(x.size(0)), 256, 0, stream>>>(p);
+    }
+  };
+  using Dropout = std::true_type;
+  using NoDropout = std::false_type;
   if (p.rank <= 16) {
-    if (dropout_seed) lora_decode_kernel<T, TW, 16, true><<<blocks, 256, 0, stream>>>(p);
-    else lora_decode_kernel<T, TW, 16, false><<<blocks, 256, 0, stream>>>(p);
+    if (dropout_seed) launch(std::integral_constant<int, 16>{}, Dropout{});
+    else launch(std::integral_constant<int, 16>{}, NoDropout{});
   } else {
-    if (dropout_seed) lora_decode_kernel<T, TW, 32, true><<<blocks, 256, 0, stream>>>(p);
-    else lora_decode_kernel<T, TW, 32, false><<<blocks, 256, 0, stream>>>(p);
+    if (dropout_seed) launch(std::integral_constant<int, 32>{}, Dropout{});
+    else launch(std::integral_constant<int, 32>{}, NoDropout{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

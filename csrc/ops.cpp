@@ -32,13 +32,15 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "multi_lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A_stack, Tensor lora_B_stack, "
       "Tensor scalings, Tensor adapter_ids) -> Tensor y");
-  // Exact merge in one pass (csrc/cpu/merge_exact_cpu.cpp): weight += scaling·B·A, appending to record_index /
-  // record_bits the flat index and original bits of each element that the matching unmerge (subtract=True:
-  // weight -= scaling·B·A with the same arithmetic) would not restore. state = [slots reserved, first failed
-  // slot (init -1), became non-finite]; tile_done marks the (16 × 256) tiles written, for relaunches.
+  // Exact merge in one pass (csrc/merge_exact_layout.h has the layouts): weight += scaling·B·A, appending to
+  // record the tile-local index and original bits of each element that the matching unmerge (subtract=True:
+  // weight -= scaling·B·A with the same arithmetic, then the record put back) would not restore. state (zeroed
+  // by the caller) = [slots reserved, slots written, flags, one word per 32 × 256 tile]; a tile whose entries
+  // do not fit stays unmerged, for a relaunch with a larger record. adapter_copy (or an empty tensor): the merge
+  // writes lora_A and lora_B there, the unmerge subtracts that copy and flags a changed adapter in state[2].
   m.def(
       "merge_exact_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling, bool subtract, "
-      "Tensor(b!) record_index, Tensor(c!) record_bits, Tensor(d!) state, Tensor(e!) tile_done) -> ()");
+      "Tensor(b!) record, Tensor(c!) state, Tensor(d!) adapter_copy) -> ()");
   // The boolean keep mask (rows, cols) that the kernels draw for dropout_seed; for tests and inspection.
   m.def("dropout_keep_mask(Tensor dropout_seed, int rows, int cols, float dropout_p) -> Tensor");
 }

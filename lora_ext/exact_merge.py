@@ -148,134 +148,168 @@ def chunked_unmerge_with_record(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One-pass exact merge (lora_ext::merge_exact_, csrc/cpu/merge_exact_cpu.cpp; a CUDA kernel for it is on branch
-# wip/fused-exact-merge, not yet run on a GPU). Used wherever the operator has a kernel for W's device: the CPU
-# today. On the CPU (4096², float32, r = 16, 2 cores) it takes 1.5× W.clone() per merge or unmerge against the
-# chunked path's 2.0× (docs/perf-notes.md).
+# One-pass exact merge (lora_ext::merge_exact_: csrc/cuda/merge_exact.cu, csrc/cpu/merge_exact_cpu.cpp; the
+# buffers' layouts are in csrc/merge_exact_layout.h). Used wherever the operator has a kernel for W's device.
+# Per merge: one fill (the zeroed state), one kernel, one host sync (reading the state's 3-word header: how many
+# entries, whether anything became NaN/Inf); a second launch only when the record outgrew its capacity. Per
+# unmerge: one kernel (it puts the record back itself); reading whether the adapter changed is the caller's
+# choice (adapter_changed_while_merged: one sync).
 
-_TILE_ROWS, _TILE_COLS = 16, 256  # csrc/*/merge_exact*: one block per 16 × 256 tile of W
+_TILE_ROWS, _TILE_COLS = 32, 256  # csrc/merge_exact_layout.h: the record's unit, one CUDA block each
+_STATE_HEADER = 3  # [entries reserved, entries written, flags], then one word per tile
+_BECAME_NON_FINITE, _DELTA_NON_FINITE, _ADAPTER_CHANGED = 1, 2, 4
+# One record entry: (tile-local index, original bits) packed in an integer twice W's width.
+_ENTRY_DTYPE = {torch.float16: torch.int32, torch.bfloat16: torch.int32, torch.float32: torch.int64}
+# Default record capacity, as a fraction of W's elements: typical adapters need 0.3–6% (README); a record that
+# ends up under half of its buffer is copied into one of its own size, so the fraction costs memory only briefly.
+_CAPACITY_FRACTION = 1 / 16
+
+
+class NonFiniteAdapterError(ValueError):
+    """merge refused, W unchanged: lora_A or lora_B (tensor_name) holds NaN or Inf."""
+
+    def __init__(self, tensor_name: str):
+        super().__init__(f"merge: {tensor_name} holds NaN or Inf; the weight was left unchanged")
+        self.tensor_name = tensor_name
+
+
+def _raise_if_adapter_non_finite(lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteAdapterError(name)
 
 
 @dataclass
 class FusedMergeRecord:
-    flat_indices: torch.Tensor  # int64 flat indices into W
-    original_bits: torch.Tensor  # W's original values there, as integers of W's width
+    entries: torch.Tensor  # (tile-local index << width) | original bits, per element a plain unmerge misses
+    state: torch.Tensor  # the merge's state: flags, then where each tile's entries start and how many there are
+    adapter: torch.Tensor  # lora_A and lora_B as merged, flattened one after the other
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.flat_indices, self.original_bits))
+        return sum(t.numel() * t.element_size() for t in (self.entries, self.state, self.adapter))
 
     def corrected_elements(self) -> int:
-        return self.flat_indices.numel()
+        return self.entries.numel()
 
 
-
-def _merge_exact_launch(weight, lora_A, lora_B, scaling, subtract, capacity, tile_done, state):
-    bits = _BITS_DTYPE[weight.dtype]
-    index = torch.empty(capacity, dtype=torch.int64, device=weight.device)
-    values = torch.empty(capacity, dtype=bits, device=weight.device)
-    torch.ops.lora_ext.merge_exact_(weight, lora_A, lora_B, scaling, subtract, index, values, state, tile_done)
-    return index, values
+def _tiles(weight: torch.Tensor) -> int:
+    return -(-weight.shape[0] // _TILE_ROWS) * -(-weight.shape[1] // _TILE_COLS)
 
 
 @torch.no_grad()
 def fused_merge_with_record(weight, lora_A, lora_B, scaling, capacity: Optional[int] = None) -> FusedMergeRecord:
     """weight += scaling·B·A in one pass, returning what unmerge needs to restore W bit for bit. One host sync
-    (reading how many elements were recorded); a second launch only when the record outgrew `capacity`
-    (default: 1/16 of W's elements), for just the tiles that did not fit. ValueError, W unchanged, when the merged
-    weight would hold NaN/Inf where W did not."""
+    (the state's header); a second launch only when the record outgrew `capacity` (default: 1/16 of W's
+    elements), for just the tiles that did not fit. NonFiniteAdapterError (a ValueError), W unchanged, when the
+    adapter holds NaN/Inf; ValueError, W unchanged, when the merged weight would hold NaN/Inf where W did not."""
     _check_mergeable(weight)
     if weight.dtype == torch.float64:
         raise TypeError("fused exact merge: float64 weights are exact with lora_ext.ops.merge_ already")
-    out_features, in_features = weight.shape
-    tiles = -(-out_features // _TILE_ROWS) * -(-in_features // _TILE_COLS)
-    tile_done = torch.zeros(tiles, dtype=torch.uint8, device=weight.device)
-    capacity = max(1024, weight.numel() // 16) if capacity is None else capacity
-    indices, values = [], []
-    non_finite = False
-    while True:
-        state = torch.tensor([0, -1, 0], dtype=torch.int64, device=weight.device)
-        index, bits = _merge_exact_launch(weight, lora_A, lora_B, scaling, False, capacity, tile_done, state)
-        reserved, first_failed, became_non_finite = state.tolist()  # the host sync
-        non_finite |= bool(became_non_finite)
-        valid = reserved if first_failed < 0 else first_failed
-        indices.append(index[:valid].clone())
-        values.append(bits[:valid].clone())
-        if first_failed < 0:
-            break
-        capacity = reserved - first_failed  # exactly what the tiles left undone need
-    record = FusedMergeRecord(torch.cat(indices), torch.cat(values))
-    if non_finite:
-        fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record)
-        raise ValueError(
-            "merge: the merged weight would hold NaN or Inf (the adapter holds NaN/Inf, or scaling·B·A "
-            f"overflows {weight.dtype}); the weight was left unchanged"
-        )
+    device = weight.device
+    state = torch.zeros(_STATE_HEADER + _tiles(weight), dtype=torch.int64, device=device)
+    adapter = torch.empty(lora_A.numel() + lora_B.numel(), dtype=lora_A.dtype, device=device)
+    capacity = max(1024, int(weight.numel() * _CAPACITY_FRACTION)) if capacity is None else capacity
+    entries = torch.empty(capacity, dtype=_ENTRY_DTYPE[weight.dtype], device=device)
+    torch.ops.lora_ext.merge_exact_(weight, lora_A, lora_B, scaling, False, entries, state, adapter)
+    reserved, written, flags = state[:_STATE_HEADER].tolist()  # the host sync
+    if written < reserved:
+        # The tiles that did not fit are still original. The entries written form a prefix, so a record of
+        # exactly `reserved` entries holds them and the rest: copy, restart the counter there, relaunch.
+        grown = torch.empty(reserved, dtype=entries.dtype, device=device)
+        grown[:written].copy_(entries[:written])
+        state[0] = written
+        torch.ops.lora_ext.merge_exact_(weight, lora_A, lora_B, scaling, False, grown, state, adapter)
+        entries = grown
+    elif written < entries.numel() // 2:
+        entries = entries[:written].clone()  # don't hold on to a mostly empty buffer
+    else:
+        entries = entries[:written]
+    record = FusedMergeRecord(entries, state, adapter)
+    if flags & (_BECAME_NON_FINITE | _DELTA_NON_FINITE):  # rare: find out why, with W still merged
+        try:
+            _raise_if_adapter_non_finite(lora_A, lora_B)
+            if flags & _BECAME_NON_FINITE:
+                raise ValueError(
+                    "merge: the merged weight would hold NaN or Inf (the adapter holds NaN/Inf, or scaling·B·A "
+                    f"overflows {weight.dtype}); the weight was left unchanged"
+                )
+        except ValueError:
+            fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record)
+            raise
+        # Otherwise s·B·A overflowed only where W already held NaN/Inf: nothing became non-finite; merged.
     return record
 
 
 @torch.no_grad()
 def fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record: FusedMergeRecord) -> None:
-    """Undo fused_merge_with_record: W -= scaling·B·A with the same arithmetic, then the recorded elements."""
-    empty_state = torch.zeros(3, dtype=torch.int64, device=weight.device)
-    tiles = -(-weight.shape[0] // _TILE_ROWS) * -(-weight.shape[1] // _TILE_COLS)
-    tile_done = torch.zeros(tiles, dtype=torch.uint8, device=weight.device)
-    _merge_exact_launch(weight, lora_A, lora_B, scaling, True, 0, tile_done, empty_state)
-    if record.flat_indices.numel():
-        weight.view(-1).view(_BITS_DTYPE[weight.dtype]).index_copy_(0, record.flat_indices, record.original_bits)
+    """Undo fused_merge_with_record: W -= scaling·B·A with the same arithmetic and the adapter as it was merged
+    (record.adapter), then the recorded elements put back, all in one kernel. No host sync."""
+    torch.ops.lora_ext.merge_exact_(weight, lora_A, lora_B, scaling, True, record.entries, record.state,
+                                    record.adapter)
+
+
+def adapter_changed_while_merged(record) -> bool:
+    """After unmerge_with_record: whether lora_A or lora_B differed from the adapter as merged (an edit through
+    .data, which version counters do not see). Reads one flag the fused unmerge kernel set (a host sync)."""
+    if isinstance(record, FusedMergeRecord):
+        return bool(int(record.state[2]) & _ADAPTER_CHANGED)
+    return bool(record.identity.adapter_changed)
 
 
 def _weight_key(weight: torch.Tensor) -> tuple:
     return (weight.dtype, weight.device, weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()))
 
 
-def _fingerprint(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-    """Two int64 checksums of each adapter tensor's bits (a plain and a position-weighted sum, computed on the
-    device): an edit through .data, which version counters do not see, changes them."""
-    sums = []
-    for t in (lora_A, lora_B):
-        bits = t.detach().contiguous().view(-1).view(_BITS_DTYPE[t.dtype]).to(torch.int64)
-        weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
-        sums += [bits.sum(), (bits * weights).sum()]
-    return torch.stack(sums)
+def _adapter_copy(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    return torch.cat((lora_A.detach().reshape(-1), lora_B.detach().reshape(-1)))
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    bits = _BITS_DTYPE[a.dtype]
+    return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
 
 
 @dataclass
 class _MergeIdentity:
     """What must not change between merge and unmerge for the record to apply: W's dtype, device, storage and
-    layout (a model moved or converted while merged), and the adapter (scaling, version counters, checksums)."""
+    layout (a model moved or converted while merged), and the adapter's scaling and version counters (checked on
+    the host). Edits through .data are caught against the adapter as merged: by the fused unmerge kernel, or, for
+    the chunked path, against `adapter`, a copy taken at merge."""
 
     weight_key: tuple
     scaling: float
     versions: Tuple[int, int]
-    fingerprint: torch.Tensor
+    adapter: Optional[torch.Tensor] = None
+    adapter_changed: bool = False
 
 
 def record_matches(record, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> bool:
-    """Whether unmerge_with_record(weight, lora_A, lora_B, scaling, record) restores W bit for bit."""
+    """Whether unmerge_with_record(weight, lora_A, lora_B, scaling, record) restores W bit for bit. Host-side
+    checks only; an edit through .data is reported after the unmerge by adapter_changed_while_merged (the
+    unmerge subtracts the adapter as merged, so W comes back exactly either way)."""
     identity = getattr(record, "identity", None)
     if identity is None or identity.weight_key != _weight_key(weight) or identity.scaling != float(scaling):
         return False
-    if identity.versions != (lora_A._version, lora_B._version):
-        return False
-    return identity.fingerprint.device == lora_A.device and torch.equal(identity.fingerprint,
-                                                                        _fingerprint(lora_A, lora_B))
+    return identity.versions == (lora_A._version, lora_B._version)
 
 
 def _fused_available(weight: torch.Tensor) -> bool:
-    return weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "lora_ext::merge_exact_", weight.device.type.upper()
-    )
+    return (weight.dtype in _ENTRY_DTYPE and weight.numel() > 0
+            and torch._C._dispatch_has_kernel_for_dispatch_key("lora_ext::merge_exact_",
+                                                               weight.device.type.upper()))
 
 
 def merge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float):
     """weight += scaling·B·A in place, returning what unmerge_with_record needs to restore W bit for bit: the
-    one-pass operator where W's device has it, else the chunked path. ValueError, W unchanged, on NaN/Inf."""
+    one-pass operator where W's device has it, else the chunked path. NonFiniteAdapterError (a ValueError) when
+    the adapter holds NaN/Inf, ValueError when the merged weight would; W unchanged in both cases."""
     _check_mergeable(weight)
-    identity = _MergeIdentity(_weight_key(weight), float(scaling), (lora_A._version, lora_B._version),
-                              _fingerprint(lora_A, lora_B))
+    identity = _MergeIdentity(_weight_key(weight), float(scaling), (lora_A._version, lora_B._version))
     if _fused_available(weight):
         record = fused_merge_with_record(weight, lora_A, lora_B, scaling)
     else:
+        _raise_if_adapter_non_finite(lora_A, lora_B)
+        identity.adapter = _adapter_copy(lora_A, lora_B)
         record = chunked_merge_with_record(weight, lora_A, lora_B, scaling)
     record.identity = identity
     return record
@@ -283,8 +317,15 @@ def merge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
 
 def unmerge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                         record) -> None:
-    """Undo merge_with_record, bit for bit, with the path that made the record."""
+    """Undo merge_with_record, bit for bit, with the path that made the record and the adapter as it was merged
+    (adapter_changed_while_merged(record) then says whether lora_A/lora_B differ from it)."""
     if isinstance(record, FusedMergeRecord):
         fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record)
-    else:
-        chunked_unmerge_with_record(weight, lora_A, lora_B, scaling, record)
+        return
+    identity = getattr(record, "identity", None)
+    if identity is not None and identity.adapter is not None:
+        merged_A = identity.adapter[:lora_A.numel()].view(lora_A.shape)
+        merged_B = identity.adapter[lora_A.numel():].view(lora_B.shape)
+        identity.adapter_changed = not (_same_bits(merged_A, lora_A) and _same_bits(merged_B, lora_B))
+        lora_A, lora_B = merged_A, merged_B
+    chunked_unmerge_with_record(weight, lora_A, lora_B, scaling, record)

@@ -12,7 +12,8 @@ from torch import nn
 
 from . import ops
 from .adapter import INITS, LoRAAdapter, check_adapter_name, check_hyperparameters, resolve_adapter_dtype
-from .exact_merge import MergeRecord, merge_with_record, record_matches, unmerge_with_record
+from .exact_merge import (MergeRecord, NonFiniteAdapterError, adapter_changed_while_merged, merge_with_record,
+                          record_matches, unmerge_with_record)
 from .multi_adapter import AdapterStack, multi_lora_linear
 
 
@@ -212,12 +213,6 @@ class LoRALinear(nn.Module):
     def merged(self) -> bool:
         return self._merged_adapter is not None
 
-    def _check_adapter_finite(self, action: str) -> None:
-        # One device-to-host read for both factors: merge's cost is a pass over W, and a sync each would double it.
-        if not bool(torch.isfinite(self.lora_A).all() & torch.isfinite(self.lora_B).all()):
-            bad = "lora_A" if not torch.isfinite(self.lora_A).all() else "lora_B"
-            raise ValueError(f"LoRALinear.{action}: {bad} holds NaN or Inf; the weight was left unchanged")
-
     @torch.no_grad()
     def merge(self) -> None:
         """W += scaling·B·A in place for the active adapter; the forward becomes one plain linear.
@@ -230,14 +225,20 @@ class LoRALinear(nn.Module):
             )
         if not self.adapters_enabled:
             raise RuntimeError("LoRALinear.merge: adapters are disabled; enable_adapters() first")
-        self._check_adapter_finite("merge")
-        self._merge_record = merge_with_record(self.weight, self.lora_A, self.lora_B, self.scaling)
+        try:  # the merge checks the adapter for NaN/Inf itself (a flag of its kernel: no extra pass, no sync)
+            self._merge_record = merge_with_record(self.weight, self.lora_A, self.lora_B, self.scaling)
+        except NonFiniteAdapterError as error:
+            raise ValueError(
+                f"LoRALinear.merge: {error.tensor_name} holds NaN or Inf; the weight was left unchanged"
+            ) from None
         self._merged_adapter = self.active_adapter
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo merge(): W is restored bit for bit (unless the adapter was edited while merged: then
-        W -= scaling·B·A with the edited adapter, and a warning says the result is not bit-exact)."""
+        """Undo merge(): W is restored bit for bit, even if the adapter was edited through .data while merged (the
+        record keeps the adapter as merged; a warning says the edit happened). If W itself changed while merged
+        (the model converted or moved), W -= scaling·B·A with the current adapter, and a warning says the result
+        is not bit-exact."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
         adapter = self.adapters[self._merged_adapter]
@@ -245,6 +246,11 @@ class LoRALinear(nn.Module):
         if record is not None and record_matches(record, self.weight, adapter.lora_A, adapter.lora_B,
                                                  adapter.scaling):
             unmerge_with_record(self.weight, adapter.lora_A, adapter.lora_B, adapter.scaling, record)
+            if adapter_changed_while_merged(record):  # one flag read back, after the unmerge is queued
+                warnings.warn(
+                    "LoRALinear.unmerge: the adapter changed while merged (an edit through .data); W was restored "
+                    "bit for bit from the adapter as merged, and the forward now uses the edited adapter"
+                )
         else:
             warnings.warn(
                 "LoRALinear.unmerge: the adapter or the weight changed while merged (an edited adapter, a model "

@@ -78,7 +78,7 @@ def _lora_backward_fake(grad_y, x, weight, lora_A, lora_B, lora_activation, scal
 
 
 @torch.library.register_fake("lora_ext::merge_exact_")
-def _merge_exact_fake(weight, lora_A, lora_B, scaling, subtract, record_index, record_bits, state, tile_done):
+def _merge_exact_fake(weight, lora_A, lora_B, scaling, subtract, record, state, adapter_copy):
     return None
 
 

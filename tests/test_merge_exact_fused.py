@@ -1,11 +1,17 @@
 """The one-pass exact merge (lora_ext::merge_exact_): unmerge restores W bit for bit, whatever the record's
-capacity (relaunches), on odd shapes and both adapter dtypes; a merge that would create NaN/Inf leaves W as it was.
-CUDA cases skip until the operator has a CUDA kernel (branch wip/fused-exact-merge)."""
+capacity (relaunches), on odd shapes (one row, prime sizes, rows that are not 16-byte aligned) and both adapter
+dtypes; a merge that would create NaN/Inf leaves W as it was; an adapter edited through .data while merged is
+flagged and W still comes back exactly; the record is exactly what a plain unmerge misses. CUDA cases skip
+where there is no GPU."""
+import warnings
+
 import pytest
 import torch
 
-from conftest import DEVICE_DTYPES, assert_bit_identical
-from lora_ext.exact_merge import fused_merge_with_record, fused_unmerge_with_record
+import lora_ext
+from conftest import DEVICE_DTYPES, DEVICES, assert_bit_identical
+from lora_ext.exact_merge import (_ENTRY_DTYPE, _STATE_HEADER, _tiles, adapter_changed_while_merged,
+                                  fused_merge_with_record, fused_unmerge_with_record)
 
 @pytest.fixture(autouse=True)
 def _needs_kernel(request):
@@ -14,7 +20,10 @@ def _needs_kernel(request):
         pytest.skip(f"lora_ext::merge_exact_ has no {device} kernel in this build")
 
 
-SHAPES = [(1, 1, 1), (17, 300, 3), (33, 513, 16), (64, 256, 8), (5, 1000, 40)]
+# (out, in, r): one element; rows of odd length (scalar path); 16-byte rows with a partial last tile (vector
+# path, 8 | in but 256 ∤ in); prime sizes; r over one 16-rank chunk; a tall layer with several row tiles.
+SHAPES = [(1, 1, 1), (17, 300, 3), (33, 513, 16), (64, 256, 8), (5, 1000, 40), (1, 4104, 16), (97, 131, 17),
+          (70, 520, 33), (129, 2048, 4)]
 
 
 def _adapter(out_f, in_f, rank, dtype, device, scale=0.05):
@@ -46,11 +55,10 @@ def test_record_is_small_and_plain_unmerge_would_drift(device, dtype, adapter_dt
     original = weight.clone()
     A, B = _adapter(256, 1024, 16, adapter_dtype, device, scale=0.1)
     record = fused_merge_with_record(weight, A, B, 2.0)
-    plain = weight.clone()
-    torch.ops.lora_ext.merge_exact_(plain, A, B, 2.0, True, torch.empty(0, dtype=torch.int64, device=device),
-                                    torch.empty(0, dtype=torch.int16, device=device),
-                                    torch.zeros(3, dtype=torch.int64, device=device),
-                                    torch.zeros(64, dtype=torch.uint8, device=device))
+    plain = weight.clone()  # a plain unmerge: zeroed state (no tile has entries), no record, no adapter copy
+    torch.ops.lora_ext.merge_exact_(plain, A, B, 2.0, True, torch.empty(0, dtype=torch.int32, device=device),
+                                    torch.zeros(_STATE_HEADER + _tiles(plain), dtype=torch.int64, device=device),
+                                    torch.empty(0, dtype=A.dtype, device=device))
     wrong = (plain.view(torch.int16) != original.view(torch.int16)).sum().item()
     assert wrong == record.corrected_elements() > 0, "the record must hold exactly the elements a plain unmerge misses"
     assert record.corrected_elements() < 0.25 * weight.numel()
@@ -67,3 +75,102 @@ def test_overflowing_merge_leaves_weight_unchanged(device, dtype, adapter_dtype)
     with pytest.raises(ValueError, match="NaN or Inf"):
         fused_merge_with_record(weight, A, B, 1.0, capacity=2)
     assert_bit_identical(weight, original, "weight after a refused merge")
+
+
+def _random_weight(out_f, in_f, dtype, device):
+    # Magnitudes over several binades, so that merged values cross powers of two and the record is not empty.
+    return (torch.randn(out_f, in_f, device=device) * torch.rand(out_f, 1, device=device) * 4).to(dtype)
+
+
+@pytest.mark.parametrize("device,dtype,adapter_dtype", [c for c in DEVICE_DTYPES if c.values[1] != torch.float64])
+def test_unaligned_weight_view_round_trips(device, dtype, adapter_dtype):
+    """A weight whose storage starts off a 16-byte boundary takes the scalar path: same arithmetic, same bits."""
+    storage = _random_weight(1, 1 + 48 * 264, dtype, device).view(-1)
+    weight = storage[1:].view(48, 264)  # contiguous, 264 · element size is a multiple of 16, the start is not
+    original, before = weight.clone(), storage[:1].clone()
+    A, B = _adapter(48, 264, 8, adapter_dtype, device, scale=0.3)
+    record = fused_merge_with_record(weight, A, B, 1.5)
+    aligned = original.clone()
+    fused_merge_with_record(aligned, A, B, 1.5)
+    assert_bit_identical(weight, aligned, "merged unaligned weight vs the aligned (vectorised) merge")
+    fused_unmerge_with_record(weight, A, B, 1.5, record)
+    assert_bit_identical(weight, original, "unaligned weight after merge + unmerge")
+    assert_bit_identical(storage[:1], before, "the element before the view")
+
+
+@pytest.mark.parametrize("device,dtype,adapter_dtype", [c for c in DEVICE_DTYPES if c.values[1] != torch.float64])
+@pytest.mark.parametrize("capacity", [None, 1, 100], ids=["default_capacity", "capacity_1", "capacity_100"])
+def test_record_is_exactly_what_a_plain_unmerge_misses(device, dtype, adapter_dtype, capacity):
+    out_f, in_f, rank = 67, 1032, 16
+    weight = _random_weight(out_f, in_f, dtype, device)
+    original = weight.clone()
+    A, B = _adapter(out_f, in_f, rank, adapter_dtype, device, scale=0.3)
+    record = fused_merge_with_record(weight, A, B, 2.0, capacity=capacity)
+    assert record.entries.dtype == _ENTRY_DTYPE[dtype]
+    plain = weight.clone()
+    torch.ops.lora_ext.merge_exact_(plain, A, B, 2.0, True, record.entries[:0],
+                                    torch.zeros_like(record.state), torch.empty(0, dtype=A.dtype, device=device))
+    bits = {2: torch.int16, 4: torch.int32}[weight.element_size()]
+    wrong = (plain.view(bits) != original.view(bits)).sum().item()
+    assert wrong == record.corrected_elements()
+    # Each tile's word says where its entries are; together they cover the record once.
+    words = record.state[_STATE_HEADER:].cpu()
+    assert bool((words != 0).all()), "every tile merged"
+    counts = (words & 0xFFFF) - 1
+    assert counts.sum().item() == record.entries.numel()
+    fused_unmerge_with_record(weight, A, B, 2.0, record)
+    assert_bit_identical(weight, original, "weight after merge + unmerge")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("which", ["A", "B"])
+def test_non_finite_adapter_is_refused_with_weight_untouched(device, dtype, bad, which):
+    weight = _random_weight(40, 520, dtype, device)
+    weight[5, 9] = float("inf")  # W's own non-finite elements are allowed, and kept
+    original = weight.clone()
+    A, B = _adapter(40, 520, 4, dtype, device)
+    (A if which == "A" else B)[1, 3] = bad
+    with pytest.raises(ValueError, match=f"lora_{which} holds NaN or Inf"):
+        fused_merge_with_record(weight, A, B, 1.0, capacity=3)
+    assert_bit_identical(weight, original, "weight after a refused merge")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adapter_edit_through_data_is_flagged_and_unmerge_stays_exact(device):
+    torch.manual_seed(0)
+    layer = lora_ext.LoRALinear(96, 80, r=8, dtype=torch.bfloat16, device=device)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    original = layer.weight.detach().clone()
+    layer.merge()
+    layer.lora_A.data[3, 7] += 1  # invisible to version counters
+    with pytest.warns(UserWarning, match="changed while merged"):
+        layer.unmerge()
+    assert_bit_identical(layer.weight.detach(), original, "weight after unmerging an edited adapter")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unchanged_adapter_is_not_flagged(device):
+    weight = _random_weight(64, 264, torch.bfloat16, device)
+    A, B = _adapter(64, 264, 8, torch.bfloat16, device, scale=0.3)
+    record = fused_merge_with_record(weight, A, B, 1.0)
+    fused_unmerge_with_record(weight, A, B, 1.0, record)
+    assert not adapter_changed_while_merged(record)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_round_trips_bit_exact_without_warnings(device):
+    torch.manual_seed(1)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        layer = lora_ext.LoRALinear(200, 136, r=16, dtype=dtype, device=device)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.2)
+        original = layer.weight.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(3):
+                layer.merge()
+                layer.unmerge()
+        assert_bit_identical(layer.weight.detach(), original, f"{dtype} weight after 3 round trips")

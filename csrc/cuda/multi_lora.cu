@@ -209,7 +209,7 @@ at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight
   const c10::cuda::CUDAGuard device_guard(x.device());
   const NvtxRange range(op);
   at::Tensor y = at::linear(x, weight, bias).contiguous();
-  if (d.tokens == 0 || d.max_rank == 0) return y;
+  if (d.tokens == 0 || d.max_rank == 0 || d.out_features == 0) return y;  // nothing to add (and no empty grids)
   LORA_CHECK(d.tokens <= INT32_MAX, op, ": at most 2^31 - 1 tokens per call, got ", d.tokens);
   LORA_CHECK(d.adapters <= INT32_MAX, op, ": at most 2^31 - 1 adapter slots, got ", d.adapters);
   const at::Tensor x_c = x.stride(1) == 1 ? x : x.contiguous();
@@ -218,7 +218,7 @@ at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight
   const at::Tensor scale = scalings.to(at::kFloat).contiguous();  // a device op: no sync
 
   // 16-byte vectors of x rows, A rows, B rows (of 8 ranks) and y rows.
-  const bool vectors = d.in_features % 8 == 0 && d.out_features % 8 == 0 && d.max_rank <= 64 &&
+  const bool vectors = d.in_features > 0 && d.in_features % 8 == 0 && d.out_features % 8 == 0 && d.max_rank <= 64 &&
                        x_c.stride(0) % 8 == 0 && aligned16(x_c.data_ptr()) && aligned16(A.data_ptr()) &&
                        aligned16(B.data_ptr()) && aligned16(y.data_ptr());
   const bool sixteen_bit = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;

@@ -66,3 +66,36 @@ class LoRAAdapter(nn.Module):
     def extra_repr(self) -> str:
         return (f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
                 f"use_rslora={self.use_rslora}")
+
+
+class AdapterDict(nn.ModuleDict):
+    """The ModuleDict of a LoRALinear's adapters, counting changes of its membership in `generation`.
+
+    Every way of adding, replacing or removing an entry (d[name] = m, add_module, setattr, del, pop, clear,
+    update) bumps the counter, so that AdapterStack can tell in O(1) per call that no adapter was added or removed
+    (a mixed-batch forward must not look at every loaded adapter). Otherwise a plain ModuleDict: same state_dict
+    keys, same iteration order."""
+
+    def _bump(self) -> None:
+        self.__dict__["generation"] = self.__dict__.get("generation", 0) + 1
+
+    def add_module(self, name, module) -> None:
+        super().add_module(name, module)
+        self._bump()
+
+    def __setattr__(self, name, value) -> None:
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module):
+            self._bump()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        self._bump()
+
+    def __delattr__(self, name) -> None:
+        super().__delattr__(name)
+        self._bump()
+
+    def clear(self) -> None:
+        super().clear()
+        self._bump()

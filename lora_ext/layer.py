@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .adapter import INITS, LoRAAdapter, check_adapter_name, check_hyperparameters, resolve_adapter_dtype
+from .adapter import INITS, AdapterDict, LoRAAdapter, check_adapter_name, check_hyperparameters, resolve_adapter_dtype
 from .exact_merge import (MergeRecord, NonFiniteAdapterError, adapter_changed_while_merged, merge_with_record,
                           record_matches, unmerge_with_record)
 from .multi_adapter import AdapterStack, multi_lora_linear
@@ -84,7 +84,7 @@ class LoRALinear(nn.Module):
         if bias is not None:
             bias.requires_grad_(False)
         self.bias = bias
-        self.adapters = nn.ModuleDict()
+        self.adapters = AdapterDict()  # counts additions and removals (AdapterStack's O(1) check)
         self.active_adapter: Optional[str] = None
         self.adapters_enabled = True
         self._merged_adapter: Optional[str] = None
@@ -285,6 +285,16 @@ class LoRALinear(nn.Module):
             return self._adapter_stack
         return stack.sync(self)
 
+    def _current_adapter_stack(self) -> AdapterStack:
+        """The stack for a mixed-batch call, O(1) per call: synced in full only when an adapter was added or
+        removed, or the layer's device or dtype changed, since the last sync (AdapterStack.sync_structure).
+        In-place edits of an adapter's values are picked up by adapter_stack(), adapter_slot_ids() and
+        mixed_adapters(model, names) (for the adapters it names), not here."""
+        stack = getattr(self, "_adapter_stack", None)
+        if stack is None:
+            return self.adapter_stack()
+        return stack.sync_structure(self)
+
     def _mixed_forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.merged:
             raise RuntimeError(
@@ -297,7 +307,7 @@ class LoRALinear(nn.Module):
         self._check_input(x, self.weight, self.weight.dtype)
         if not self.adapters_enabled:
             return F.linear(x, self.weight, self.bias)
-        stack = self.adapter_stack()
+        stack = self._current_adapter_stack()
         return multi_lora_linear(x, self.weight, self.bias, stack.lora_A, stack.lora_B, stack.scalings, ids)
 
     # ----------------------------------------------------------------------------------------------------------

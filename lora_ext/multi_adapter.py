@@ -187,7 +187,14 @@ class AdapterStack:
     exists, so slot ids handed out stay valid.
 
     The stack belongs to the layer (`layer.adapter_stack()` creates and syncs it); it is no part of the
-    state_dict. `sync(layer)` brings it up to date: cheap (a comparison per adapter) when nothing changed.
+    state_dict. `sync(layer)` brings it up to date, comparing a record per adapter (about a microsecond each:
+    too slow for every layer call of a model with 64 adapters loaded). The per-call paths use two cheaper checks:
+    `sync_structure(layer)`, O(1): a full sync only when an adapter was added, replaced or removed (the layer's
+    AdapterDict counts those in `generation`) or the layer's device or dtype changed; and
+    `sync_names(layer, names)`, that plus the records of the named adapters only. In-place edits of an adapter's
+    values (seen through tensor._version) are therefore picked up by sync() (layer.adapter_stack(),
+    lora_ext.adapter_slot_ids) and by mixed_adapters(model, names) for the adapters it names; edits through
+    `.data` by refresh() alone.
     """
 
     def __init__(self, layer, capacity: int = 8):
@@ -195,6 +202,7 @@ class AdapterStack:
             raise ValueError(f"AdapterStack: capacity must be a positive integer, got {capacity!r}")
         self.slots: Dict[str, int] = {}
         self._records: Dict[str, tuple] = {}
+        self._structure: Optional[tuple] = None  # _structure_key(layer) at the end of the last sync()
         self._initial_capacity = capacity
         self.lora_A: Optional[torch.Tensor] = None
         self.lora_B: Optional[torch.Tensor] = None
@@ -258,6 +266,33 @@ class AdapterStack:
         if capacity > self.capacity:
             self._allocate(layer, capacity, self.max_rank, self.lora_A.dtype)
 
+    @staticmethod
+    def _structure_key(layer) -> Optional[tuple]:
+        """What sync_structure compares: None (always sync) when layer.adapters does not count its changes."""
+        adapters = layer.adapters
+        generation = getattr(adapters, "generation", None)
+        if generation is None:
+            return None
+        return (id(adapters), generation, layer.weight.device, layer.weight.dtype)
+
+    def sync_structure(self, layer) -> "AdapterStack":
+        """O(1) when no adapter was added, replaced or removed and the layer's device and dtype are unchanged since
+        the last sync(); a full sync() otherwise. Does not look for in-place edits of adapter values."""
+        key = self._structure_key(layer)
+        if key is None or key != self._structure:
+            return self.sync(layer)
+        return self
+
+    def sync_names(self, layer, names) -> "AdapterStack":
+        """sync_structure, then rewrite the slots of those of `names` (adapter names, None ignored) whose adapter
+        was edited in place since it was written: O(len(names)), not O(loaded adapters)."""
+        self.sync_structure(layer)
+        adapters = layer.adapters
+        for name in names:
+            if name is not None and name in self.slots and self._records.get(name) != _adapter_record(adapters[name]):
+                self._write(name, adapters[name])
+        return self
+
     def sync(self, layer) -> "AdapterStack":
         """Bring the stack up to date with layer.adapters, writing only the slots whose adapter changed."""
         adapters = layer.adapters
@@ -281,6 +316,7 @@ class AdapterStack:
                 self._write(name, adapter)
             elif self._records.get(name) != _adapter_record(adapter):
                 self._write(name, adapter)
+        self._structure = self._structure_key(layer)
         return self
 
     @torch.no_grad()
@@ -346,7 +382,11 @@ def mixed_adapters(model, adapter_names: Union[Sequence[Optional[str]], torch.Te
     Names are mapped to each layer's slots on the host once and copied to the device once (non_blocking); layers
     with the same name -> slot map share one ids tensor. A layer lacking an adapter named in the batch computes
     its base layer for those rows (as PEFT does for missing adapters). Merged layers are an error. Dropout is not
-    applied; the forward has no autograd formula."""
+    applied; the forward has no autograd formula.
+    Host cost per layer, independent of how many adapters are loaded: with names, the named adapters' in-place
+    edits are looked for (AdapterStack.sync_names); with a slot-id tensor, only additions and removals
+    (sync_structure): after editing an adapter in place, call lora_ext.adapter_slot_ids again (or
+    layer.adapter_stack()), as a server does when its set of adapters changes."""
     where = "lora_ext.mixed_adapters"
     layers = _lora_layers(model, where)
     per_layer = {}
@@ -355,13 +395,16 @@ def mixed_adapters(model, adapter_names: Union[Sequence[Optional[str]], torch.Te
             raise TypeError(f"{where}: a tensor of slot ids must be 1-D int64 or int32, got {adapter_names.dtype} "
                             f"of shape {tuple(adapter_names.shape)}")
         for _, layer in layers:
-            layer.adapter_stack()
+            layer._current_adapter_stack()  # O(1): the ids were made by adapter_slot_ids, which synced in full
             per_layer[layer] = adapter_names
     else:
         names = _check_names(adapter_names, layers, where)
+        distinct = [n for n in dict.fromkeys(names) if n is not None]
         cache: Dict[tuple, torch.Tensor] = {}
         for _, layer in layers:
-            stack = layer.adapter_stack()
+            if getattr(layer, "_adapter_stack", None) is None:
+                layer.adapter_stack()
+            stack = layer._adapter_stack.sync_names(layer, distinct)  # the named adapters' in-place edits
             key = (layer.weight.device, tuple(-1 if n is None else stack.slots.get(n, -1) for n in names))
             if key not in cache:
                 cache[key] = _ids_tensor(key[1], layer.weight.device)

@@ -525,3 +525,221 @@ def test_cuda_graph_capture_of_mixed_batch():
         torch.cuda.synchronize()
         expected = model(x)
     assert_rel_close(y, expected, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The CUDA kernels' paths (csrc/cuda/multi_lora.cu): tiles (16-bit x, > 64 tokens: prefill), gather (≤ 64 tokens
+# or float32 x: decoding), general (shapes the vector loads cannot take, covered by the tests above).
+
+
+def reference_by_slot(x, weight, bias, A, B, scalings, ids):
+    """float64 reference on x's device, one masked product per slot used (fast enough for thousands of rows)."""
+    x64 = x.double()
+    y = x64 @ weight.double().t()
+    if bias is not None:
+        y = y + bias.double()
+    ids = ids.long()
+    for a in range(A.shape[0]):
+        rows = ids == a
+        if bool(rows.any()):
+            y[rows] += float(scalings[a]) * (x64[rows] @ A[a].double().t()) @ B[a].double().t()
+    return y
+
+
+def run_lengths_ids(runs, device, dtype=torch.int64):
+    """ids for consecutive runs [(length, slot), ...]."""
+    return torch.cat([torch.full((n, ), a, dtype=dtype) for n, a in runs]).to(device)
+
+
+PREFILL_RUNS = [(512, 0), (100, 2), (300, -1), (77, 1), (512, 3), (3, 0)]  # tiles straddle runs
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("float32_adapters", [False, True])
+@pytest.mark.parametrize("ranks", [[16, 8, 16, 4], [32, 64, 8, 24]], ids=["r16", "r64"])
+def test_cuda_prefill_runs(dtype, float32_adapters, ranks):
+    torch.manual_seed(0)
+    in_f, out_f = 512, 520  # out_features not a multiple of the 64-column tile
+    adapter_dtype = torch.float32 if float32_adapters else dtype
+    A, B, s = make_stack(ranks, in_f, out_f, dtype, "cuda", adapter_dtype)
+    weight, bias = make_base(in_f, out_f, dtype, "cuda")
+    ids = run_lengths_ids(PREFILL_RUNS, "cuda")
+    x = make_x(ids.numel(), in_f, dtype, "cuda")
+    y = run_op(x, weight, bias, A, B, s, ids)
+    assert_rel_close(y, reference_by_slot(x, weight, bias, A, B, s, ids), dtype, adapter_dtype)
+    base = torch.nn.functional.linear(x, weight, bias)
+    assert_bit_identical(y[ids == -1], base[ids == -1], "base rows")  # never written
+    # Each row as it comes out when the whole batch uses its adapter: tiles shared with other adapters change nothing.
+    for a in range(len(ranks)):
+        alone = run_op(x, weight, bias, A, B, s, torch.full_like(ids, a))
+        assert_bit_identical(y[ids == a], alone[ids == a], f"rows of slot {a}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("tokens", [65, 300, 4096])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32], ids=str)
+def test_cuda_tiles_unsorted_ids(tokens, ids_dtype):
+    """Random (unsorted) ids with -1 and out-of-range ids: every tile holds many slots."""
+    torch.manual_seed(1)
+    in_f, out_f, dtype = 256, 384, torch.bfloat16
+    A, B, s = make_stack([16, 4, 8, 16, 12, 16, 2, 16], in_f, out_f, dtype, "cuda")
+    weight, bias = make_base(in_f, out_f, dtype, "cuda")
+    x = make_x(tokens, in_f, dtype, "cuda")
+    ids = torch.randint(-1, 8, (tokens,), device="cuda", dtype=ids_dtype)
+    y = run_op(x, weight, bias, A, B, s, ids)
+    assert_rel_close(y, reference_by_slot(x, weight, bias, A, B, s, ids), dtype)
+    bad = ids.clone()
+    bad[::7] = 8 + torch.arange(bad[::7].numel(), device="cuda", dtype=ids_dtype)
+    as_base = torch.where(bad >= 8, -1, bad)
+    assert_bit_identical(run_op(x, weight, bias, A, B, s, bad), run_op(x, weight, bias, A, B, s, as_base))
+    assert_bit_identical(y, run_op(x, weight, bias, A, B, s, ids), "a repeated call")  # deterministic
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("tokens", [1, 7, 32, 64])
+def test_cuda_decode_many_adapters(dtype, tokens):
+    """Decoding: few tokens, 32 of 64 loaded adapters (the gather kernels, split over the in-dimension)."""
+    torch.manual_seed(2)
+    in_f, out_f = 1024, 1032
+    A, B, s = make_stack([16] * 64, in_f, out_f, dtype, "cuda")
+    weight, bias = make_base(in_f, out_f, dtype, "cuda")
+    x = make_x(tokens, in_f, dtype, "cuda")
+    ids = (torch.arange(tokens, device="cuda") * 2) % 64
+    ids[::5] = -1
+    y = run_op(x, weight, bias, A, B, s, ids)
+    assert_rel_close(y, reference_by_slot(x, weight, bias, A, B, s, ids), dtype)
+    assert_bit_identical(y, run_op(x, weight, bias, A, B, s, ids), "a repeated call")
+    for a in ids.unique().tolist():
+        if a >= 0:
+            alone = run_op(x, weight, bias, A, B, s, torch.full_like(ids, a))
+            assert_bit_identical(y[ids == a], alone[ids == a], f"rows of slot {a}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", ["rank 12 (no 8-rank vectors)", "float32 x, prefill", "rank 80 (general)",
+                                  "in 1000 out 1000 tiles", "strided x", "rows not 16-byte aligned (general)"])
+def test_cuda_path_edges(case):
+    torch.manual_seed(3)
+    dtype, tokens, in_f, out_f, ranks, layout = torch.bfloat16, 200, 256, 128, [16, 8], "contiguous"
+    if case.startswith("rank 12"):
+        ranks = [12, 5]
+    elif case.startswith("float32"):
+        dtype = torch.float32
+    elif case.startswith("rank 80"):
+        ranks = [80, 3]
+    elif case.startswith("in 1000"):
+        in_f, out_f = 1000, 1000
+    elif case == "strided x":
+        layout = "strided"
+    A, B, s = make_stack(ranks, in_f, out_f, dtype, "cuda")
+    weight, bias = make_base(in_f, out_f, dtype, "cuda")
+    x = make_x(tokens, in_f, dtype, "cuda", layout)
+    if case.startswith("rows not"):
+        x = make_x(tokens, in_f + 1, dtype, "cuda")[:, 1:]  # row stride in + 1
+    ids = run_lengths_ids([(70, 1), (30, -1), (100, 0)], "cuda")
+    for n in (tokens, 40):  # tiles or gather, then gather
+        y = run_op(x[:n], weight, bias, A, B, s, ids[:n])
+        assert_rel_close(y, reference_by_slot(x[:n], weight, bias, A, B, s, ids[:n]), dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("tokens", [32, 4096])
+def test_cuda_graph_replay_of_the_op(tokens):
+    """Capture with one x and one set of ids, replay with others: the eager result, bit for bit."""
+    torch.manual_seed(4)
+    in_f, out_f, dtype = 512, 512, torch.bfloat16
+    A, B, s = make_stack([16] * 8, in_f, out_f, dtype, "cuda")
+    weight, bias = make_base(in_f, out_f, dtype, "cuda")
+    x = make_x(tokens, in_f, dtype, "cuda")
+    ids = torch.randint(-1, 8, (tokens,), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run_op(x, weight, bias, A, B, s, ids)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run_op(x, weight, bias, A, B, s, ids)
+    x.copy_(torch.randn_like(x))
+    ids.copy_(run_lengths_ids([(tokens // 2, 3), (tokens - tokens // 2, 5)], "cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bit_identical(y, run_op(x, weight, bias, A, B, s, ids))
+
+
+@requires_cuda
+def test_cuda_empty_and_all_base_batches():
+    A, B, s = make_stack([16, 16], 256, 256, torch.bfloat16, "cuda")
+    weight, bias = make_base(256, 256, torch.bfloat16, "cuda")
+    for tokens in (0, 1, 100):
+        x = make_x(tokens, 256, torch.bfloat16, "cuda")
+        ids = torch.full((tokens,), -1, dtype=torch.int64, device="cuda")
+        assert_bit_identical(run_op(x, weight, bias, A, B, s, ids), torch.nn.functional.linear(x, weight, bias))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The per-call host path: O(1) in the number of loaded adapters
+
+
+def test_per_call_path_does_not_scan_every_adapter(monkeypatch):
+    """With 64 adapters loaded, a mixed call with slot ids compares no adapter record, and one with names compares
+    those of the named adapters only."""
+    import lora_ext.multi_adapter as multi_adapter
+
+    layer = lora_ext.LoRALinear(16, 8, r=4, adapter_name="a0")
+    for i in range(1, 64):
+        layer.add_adapter(f"a{i}", r=4)
+    ids = lora_ext.adapter_slot_ids(layer, ["a3", None, "a7"])
+    calls = []
+    original = multi_adapter._adapter_record
+    monkeypatch.setattr(multi_adapter, "_adapter_record", lambda adapter: (calls.append(1), original(adapter))[1])
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        with lora_ext.mixed_adapters(layer, ids):
+            layer(x)
+        assert calls == []
+        with lora_ext.mixed_adapters(layer, ["a3", None, "a7", "a3"]):
+            layer(torch.randn(4, 16))
+        assert len(calls) == 2
+
+
+def test_structural_changes_seen_by_the_per_call_path():
+    """Additions and removals made any way (add_adapter, the ModuleDict directly) reach the next mixed call."""
+    from lora_ext.adapter import LoRAAdapter
+
+    torch.manual_seed(5)
+    layer = _layer_with_adapters()
+    x = torch.randn(4, 12)
+    ids = lora_ext.adapter_slot_ids(layer, ["a", "b", None, "a"])
+    with torch.no_grad(), lora_ext.mixed_adapters(layer, ids):
+        before = layer(x)
+        z = LoRAAdapter(12, 10, 3, 6, 0.0, False, "kaiming", device="cpu", dtype=torch.float32)
+        nn.init.normal_(z.lora_B)
+        layer.adapters["z"] = z  # as adapter_io does: no sync of its own
+        assert layer._current_adapter_stack().slots["z"] == 2
+        del layer.adapters["b"]
+        assert "b" not in layer._current_adapter_stack().slots
+        after = layer(x)
+    assert_bit_identical(before[0], after[0])
+    assert_bit_identical(after[1], torch.nn.functional.linear(x, layer.weight, layer.bias)[1])  # b's slot is free
+
+
+def test_in_place_edits_seen_by_names_and_by_adapter_slot_ids():
+    torch.manual_seed(6)
+    layer = _layer_with_adapters()
+    x = torch.randn(2, 12)
+    with torch.no_grad():
+        layer.adapters["a"].lora_B.mul_(3)  # in place: seen through the version counter
+        with lora_ext.mixed_adapters(layer, ["a", "a"]):
+            mixed = layer(x)
+        layer.set_adapter("a")
+        assert_rel_close(mixed, layer(x), torch.float32)
+        layer.adapters["b"].lora_A.add_(1.0)
+        ids = lora_ext.adapter_slot_ids(layer, ["b", "b"])  # a full sync
+        with lora_ext.mixed_adapters(layer, ids):
+            mixed = layer(x)
+        layer.set_adapter("b")
+        assert_rel_close(mixed, layer(x), torch.float32)

@@ -1,23 +1,32 @@
 // CUDA kernels of lora_ext::multi_lora_forward (multi-adapter batches, inference): each token names its
-// adapter slot. NOT YET RUN ON A GPU (written in session 3 without one): the first, simple version, to be tested
-// against the CPU kernel and the float64 reference (tests/test_multi_adapter.py), then measured and tuned.
+// adapter slot.
 //
-// y = x·Wᵀ + b comes from cuBLAS (at::linear); then two launches, both reading the ids on the device (no host
-// sync, so CUDA graphs can capture the call) and touching only the slots the tokens name, so the cost does not
-// depend on how many adapters are loaded:
-//   shrink: one block per token, xa[t, :] = x[t]·A[a]ᵀ in float32 (Punica's BGMV shape);
-//   expand: y[t, o] = round(y[t, o] + s[a]·Σ_j xa[t, j]·B[a][o, j]), one rounding of the float32 sum.
-// Ids outside [-1, n) are treated as -1 (the base layer alone): checking them would need a sync.
-// Known limits of this version: A[a] is re-read from L2 for every token (prefill wants SGMV-style tiles of
-// tokens sharing an adapter, on tensor cores), and B is read with a stride of r_max between threads.
+// y = x·Wᵀ + b comes from cuBLAS (at::linear); then two launches add s[a]·(x·A[a]ᵀ)·B[a]ᵀ. Every kernel reads
+// the ids on the device (no host sync, no sorting, no per-batch metadata: CUDA graphs capture the call) and
+// touches only the slots the tokens name, so the cost does not depend on how many adapters are loaded. Ids
+// outside [-1, n) are treated as -1 (the base layer alone): checking them would need a sync.
+// Three paths, picked on the host from shapes alone:
+//   tiles   (multi_lora_tiles.cuh) 16-bit x, > kGatherMaxTokens tokens, vector-friendly shapes: tensor-core
+//           shrink over 16-token tiles and expand over 64 × 64 tiles of y, each tile walking its distinct slots
+//           (prefill: runs of tokens sharing an adapter, Punica's SGMV shape);
+//   gather  (multi_lora_gather.cuh) few tokens, or float32 x: per-token shrink split over the in-dimension, and
+//           a per-token expand (decoding, Punica's BGMV shape);
+//   general (below) any shape or stride: one block per token for the shrink, a per-token expand.
+// The tiles and gather paths write the shrink's partial sums per k-split and the expand adds them in a fixed
+// order: no atomics, repeated calls give the same bits.
 #include "../error_message.h"
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <utility>
+
 #include "../checks.h"
 #include "lora_gemm_launch.cuh"
+#include "multi_lora_gather.cuh"
+#include "multi_lora_tiles.cuh"
 #include "nvtx_range.h"
 
 namespace lora_ext {
@@ -29,11 +38,6 @@ constexpr int kShrinkWarps = kShrinkThreads / 32;
 constexpr int kRankChunk = 16;  // ranks accumulated per pass over x[t]
 constexpr int kExpandThreads = 256;
 
-template <typename IdT>
-__device__ __forceinline__ int64_t slot_of(const IdT* ids, int64_t t, int64_t adapters) {
-  const int64_t a = static_cast<int64_t>(ids[t]);
-  return (a >= 0 && a < adapters) ? a : -1;
-}
 
 template <typename T, typename TW, typename IdT>
 __global__ void __launch_bounds__(kShrinkThreads)
@@ -41,7 +45,7 @@ __global__ void __launch_bounds__(kShrinkThreads)
                              int64_t rank, int64_t adapters, const IdT* __restrict__ ids, float* __restrict__ xa) {
   const int64_t t = blockIdx.x;
   float* out = xa + t * rank;
-  const int64_t a = slot_of(ids, t, adapters);
+  const int64_t a = slot_of<IdT>(ids, t, adapters);
   if (a < 0) {
     for (int64_t j = threadIdx.x; j < rank; j += kShrinkThreads) out[j] = 0.f;
     return;
@@ -84,7 +88,7 @@ __global__ void __launch_bounds__(kExpandThreads)
                              const TW* __restrict__ B, int64_t rank, int64_t adapters, const IdT* __restrict__ ids,
                              const float* __restrict__ scalings) {
   const int64_t t = blockIdx.x;  // tokens on x (up to 2^31 - 1 blocks), output tiles on y
-  const int64_t a = slot_of(ids, t, adapters);
+  const int64_t a = slot_of<IdT>(ids, t, adapters);
   if (a < 0) return;
   extern __shared__ float xa_row[];  // rank floats
   for (int64_t j = threadIdx.x; j < rank; j += kExpandThreads) xa_row[j] = xa[t * rank + j];
@@ -99,6 +103,103 @@ __global__ void __launch_bounds__(kExpandThreads)
   *yo = static_cast<T>(__fadd_rn(static_cast<float>(*yo), __fmul_rn(scalings[a], acc)));
 }
 
+// At most this many tokens take the gather kernels when the tile kernels could run: the gather shrink reads A[a]
+// once per token (r·in elements from L2), the tiles once per 16 tokens but with at most tokens / 16 blocks.
+constexpr int64_t kGatherMaxTokens = 64;
+
+template <typename Fn>
+void dispatch_rank_pad(int64_t rank, Fn&& fn) {
+  if (rank <= 16) {
+    fn(std::integral_constant<int, 16>{});
+  } else if (rank <= 32) {
+    fn(std::integral_constant<int, 32>{});
+  } else {
+    fn(std::integral_constant<int, 64>{});
+  }
+}
+
+// k-splits so that the shrink has about two blocks per SM: `blocks` blocks before splitting, `units` units of the
+// in-dimension to share out, at least `min_units` per split. Returns {splits, units per split}.
+std::pair<int64_t, int64_t> split_in_dimension(int64_t blocks, int64_t units, int64_t min_units) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t wanted = std::max<int64_t>(1, (2 * sms + blocks - 1) / blocks);
+  const int64_t per_split = std::max<int64_t>(std::min(min_units, units), (units + wanted - 1) / wanted);
+  return {(units + per_split - 1) / per_split, per_split};
+}
+
+template <typename T, typename TW, typename IdT>
+void launch_gather(MultiLoraParams p, const at::Tensor& x) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto [splits, per_split] = split_in_dimension(p.tokens, p.in / 8, kGatherShrinkThreads);
+  at::Tensor partial = at::empty({splits, p.tokens, p.rank}, x.options().dtype(at::kFloat));
+  p.partial = partial.data_ptr<float>();
+  p.splits = splits;
+  p.split_size = per_split;
+  const int64_t column_blocks = (p.out + kGatherExpandColumns - 1) / kGatherExpandColumns;
+  LORA_CHECK(splits <= 65535 && column_blocks <= 65535, "lora_ext::multi_lora_forward: in_features = ", p.in,
+             " or out_features = ", p.out, " is over this kernel's limit");
+  dispatch_rank_pad(p.rank, [&](auto rpad_tag) {
+    constexpr int RPAD = decltype(rpad_tag)::value;
+    multi_lora_gather_shrink_kernel<T, TW, IdT, RPAD>
+        <<<dim3(static_cast<unsigned>(p.tokens), static_cast<unsigned>(splits)), kGatherShrinkThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const dim3 grid(static_cast<unsigned>(p.tokens), static_cast<unsigned>(column_blocks));
+    if (p.rank % 8 == 0) {
+      multi_lora_gather_expand_kernel<T, TW, IdT, RPAD, true><<<grid, kGatherExpandThreads, 0, stream>>>(p);
+    } else {
+      multi_lora_gather_expand_kernel<T, TW, IdT, RPAD, false><<<grid, kGatherExpandThreads, 0, stream>>>(p);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename T, typename TW, typename IdT>
+void launch_tiles(MultiLoraParams p, const at::Tensor& x) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t shrink_tiles = (p.tokens + kTileShrinkRows - 1) / kTileShrinkRows;
+  const int64_t chunks = (p.in + shrink_detail::kTileK - 1) / shrink_detail::kTileK;
+  const auto [splits, per_split] = split_in_dimension(shrink_tiles, chunks, shrink_detail::kWarps);
+  at::Tensor partial = at::empty({splits, p.tokens, p.rank}, x.options().dtype(at::kFloat));
+  p.partial = partial.data_ptr<float>();
+  p.splits = splits;
+  p.split_size = per_split;
+  const int64_t row_tiles = (p.tokens + kTileExpandRows - 1) / kTileExpandRows;
+  const int64_t column_tiles = (p.out + kTileExpandColumns - 1) / kTileExpandColumns;
+  LORA_CHECK(splits <= 65535 && column_tiles <= 65535, "lora_ext::multi_lora_forward: in_features = ", p.in,
+             " or out_features = ", p.out, " is over this kernel's limit");
+  dispatch_rank_pad(p.rank, [&](auto rpad_tag) {
+    constexpr int RPAD = decltype(rpad_tag)::value;
+    multi_lora_tile_shrink_kernel<T, TW, IdT, RPAD>
+        <<<dim3(static_cast<unsigned>(shrink_tiles), static_cast<unsigned>(splits)), 128, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    multi_lora_tile_expand_kernel<T, TW, IdT, RPAD>
+        <<<dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(column_tiles)), 128, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename T, typename TW, typename IdT>
+void launch_general(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& scale,
+                    const at::Tensor& ids, at::Tensor& y, const MultiLoraDims& d, const char* op) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor xa = at::empty({d.tokens, d.max_rank}, x.options().dtype(at::kFloat));
+  const dim3 expand_grid(static_cast<unsigned>(d.tokens),
+                         static_cast<unsigned>((d.out_features + kExpandThreads - 1) / kExpandThreads));
+  const size_t expand_smem = static_cast<size_t>(d.max_rank) * sizeof(float);
+  LORA_CHECK(expand_smem <= 48 * 1024, op, ": r_max = ", d.max_rank, " is over this kernel's limit of ",
+             48 * 1024 / sizeof(float));
+  LORA_CHECK((d.out_features + kExpandThreads - 1) / kExpandThreads <= 65535, op, ": out_features = ",
+             d.out_features, " is over this kernel's limit");
+  multi_lora_shrink_kernel<T, TW, IdT><<<static_cast<unsigned>(d.tokens), kShrinkThreads, 0, stream>>>(
+      x.data_ptr<T>(), x.stride(0), A.data_ptr<TW>(), d.in_features, d.max_rank, d.adapters, ids.data_ptr<IdT>(),
+      xa.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  multi_lora_expand_kernel<T, TW, IdT><<<expand_grid, kExpandThreads, expand_smem, stream>>>(
+      y.data_ptr<T>(), d.out_features, xa.data_ptr<float>(), B.data_ptr<TW>(), d.max_rank, d.adapters,
+      ids.data_ptr<IdT>(), scale.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                    const at::Tensor& lora_A_stack, const at::Tensor& lora_B_stack,
                                    const at::Tensor& scalings, const at::Tensor& adapter_ids) {
@@ -108,33 +209,44 @@ at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight
   const c10::cuda::CUDAGuard device_guard(x.device());
   const NvtxRange range(op);
   at::Tensor y = at::linear(x, weight, bias).contiguous();
-  if (d.tokens == 0 || d.max_rank == 0) return y;
+  if (d.tokens == 0 || d.max_rank == 0 || d.out_features == 0) return y;  // nothing to add (and no empty grids)
+  LORA_CHECK(d.tokens <= INT32_MAX, op, ": at most 2^31 - 1 tokens per call, got ", d.tokens);
+  LORA_CHECK(d.adapters <= INT32_MAX, op, ": at most 2^31 - 1 adapter slots, got ", d.adapters);
   const at::Tensor x_c = x.stride(1) == 1 ? x : x.contiguous();
   const at::Tensor A = lora_A_stack.contiguous(), B = lora_B_stack.contiguous();
   const at::Tensor ids = adapter_ids.contiguous();
   const at::Tensor scale = scalings.to(at::kFloat).contiguous();  // a device op: no sync
-  at::Tensor xa = at::empty({d.tokens, d.max_rank}, x.options().dtype(at::kFloat));
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 expand_grid(static_cast<unsigned>(d.tokens),
-                         static_cast<unsigned>((d.out_features + kExpandThreads - 1) / kExpandThreads));
-  const size_t expand_smem = static_cast<size_t>(d.max_rank) * sizeof(float);
-  LORA_CHECK(expand_smem <= 48 * 1024, op, ": r_max = ", d.max_rank, " is over this kernel's limit of ",
-             48 * 1024 / sizeof(float));
-  LORA_CHECK(expand_grid.y <= 65535u, op, ": out_features = ", d.out_features, " is over this kernel's limit");
-  LORA_CHECK(d.tokens <= INT32_MAX, op, ": at most 2^31 - 1 tokens per call, got ", d.tokens);
+
+  // 16-byte vectors of x rows, A rows, B rows (of 8 ranks) and y rows.
+  const bool vectors = d.in_features > 0 && d.in_features % 8 == 0 && d.out_features % 8 == 0 && d.max_rank <= 64 &&
+                       x_c.stride(0) % 8 == 0 && aligned16(x_c.data_ptr()) && aligned16(A.data_ptr()) &&
+                       aligned16(B.data_ptr()) && aligned16(y.data_ptr());
+  const bool sixteen_bit = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  const bool tiles = vectors && sixteen_bit && d.max_rank % 8 == 0 && d.tokens > kGatherMaxTokens;
+
+  MultiLoraParams p{};
+  p.x = x_c.data_ptr();
+  p.x_stride = x_c.stride(0);
+  p.lora_A = A.data_ptr();
+  p.lora_B = B.data_ptr();
+  p.scalings = scale.data_ptr<float>();
+  p.ids = ids.data_ptr();
+  p.y = y.data_ptr();
+  p.tokens = d.tokens;
+  p.in = d.in_features;
+  p.out = d.out_features;
+  p.adapters = d.adapters;
+  p.rank = d.max_rank;
   dispatch_activation_and_adapter(x.scalar_type(), A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using T = decltype(act_tag);
     using TW = decltype(adapter_tag);
     const auto launch = [&](auto id_tag) {
       using IdT = decltype(id_tag);
-      multi_lora_shrink_kernel<T, TW, IdT><<<static_cast<unsigned>(d.tokens), kShrinkThreads, 0, stream>>>(
-          x_c.data_ptr<T>(), x_c.stride(0), A.data_ptr<TW>(), d.in_features, d.max_rank, d.adapters,
-          ids.data_ptr<IdT>(), xa.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      multi_lora_expand_kernel<T, TW, IdT><<<expand_grid, kExpandThreads, expand_smem, stream>>>(
-          y.data_ptr<T>(), d.out_features, xa.data_ptr<float>(), B.data_ptr<TW>(), d.max_rank, d.adapters,
-          ids.data_ptr<IdT>(), scale.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if constexpr (!std::is_same_v<T, float>) {
+        if (tiles) return launch_tiles<T, TW, IdT>(p, x_c);
+      }
+      if (vectors) return launch_gather<T, TW, IdT>(p, x_c);
+      launch_general<T, TW, IdT>(x_c, A, B, scale, ids, y, d, op);
     };
     if (ids.scalar_type() == at::kLong) {
       launch(int64_t{});

@@ -1,0 +1,191 @@
+// multi_lora_forward's low-rank term for few tokens, each with its own adapter (Punica's BGMV shape: decoding).
+//
+// Two launches that share one float32 workspace with the tile kernels (multi_lora_tiles.cuh):
+//   partial[split][t][j] = Σ_{k in split} x[t, k]·A[a][j, k]     (a = the slot of token t; zeros for base rows)
+//   y[t, o] = round(y[t, o] + s[a]·Σ_j xa[t, j]·B[a][o, j]),   xa[t, j] = Σ_split partial[split][t][j]
+// The in-dimension is split across blocks so that 32 tokens still fill the GPU; the splits are added in a fixed
+// order by the expand (no atomics: repeated runs give the same bits, and no memset launch is needed).
+//
+// Shrink grid: (tokens, k-splits), 64 threads; a thread reads 8 consecutive k of x[t] and of each of A[a]'s
+// rows with 16-byte loads (32-byte for float32), so a block moves r·(in/splits) adapter elements from L2 or HBM;
+// every adapter a token names is read once per token (A[a] is re-read from L2 by tokens sharing a slot: at ≤ 64
+// tokens that is cheaper than grouping them, which would need a sort or a sync).
+// Expand grid: (tokens, out / 1024), 128 threads, each 8 output columns: reads B[a]'s 8 rows of r elements and
+// one 16-byte vector of y. Bytes: B[a] once per token, y read and written once.
+// Needs in % 8 == 0, out % 8 == 0, 16-byte aligned x rows (unit column stride), stacks and y, r_max ≤ 64;
+// multi_lora.cu falls back to its general kernels otherwise.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+
+#include "wmma_tiles.cuh"
+
+namespace lora_ext {
+namespace cuda {
+
+struct MultiLoraParams {
+  const void* x;  // (tokens, in), unit column stride
+  int64_t x_stride;
+  const void* lora_A;  // (adapters, rank, in), contiguous
+  const void* lora_B;  // (adapters, out, rank), contiguous
+  const float* scalings;  // (adapters,)
+  const void* ids;  // (tokens,), int32 or int64
+  void* y;  // (tokens, out), contiguous, holds x·Wᵀ + b on entry
+  float* partial;  // (splits, tokens, rank): the shrink's partial sums over the in-dimension
+  int64_t tokens, in, out, adapters, rank;
+  int64_t splits;
+  int64_t split_size;  // per k-split: 8-vectors of the in-dimension (gather) or 64-wide chunks (tiles)
+};
+
+constexpr int kNoSlot = INT_MAX;
+
+// The slot of token t, or -1 for the base layer alone (ids outside [-1, n): checking them would need a sync).
+template <typename IdT>
+__device__ __forceinline__ int slot_of(const void* ids, int64_t t, int64_t adapters) {
+  const int64_t a = static_cast<int64_t>(static_cast<const IdT*>(ids)[t]);
+  return (a >= 0 && a < adapters) ? static_cast<int>(a) : -1;
+}
+
+// The smallest slot in slots[0, count) above `after`, or kNoSlot: a block walks the distinct adapters of its
+// tile in increasing order with it (count ≤ 64 reads of shared memory; every thread gets the same answer).
+__device__ __forceinline__ int next_slot(const int* slots, int count, int after) {
+  int best = kNoSlot;
+  for (int i = 0; i < count; ++i) {
+    const int a = slots[i];
+    if (a > after && a < best) best = a;
+  }
+  return best;
+}
+
+// Eight consecutive elements as float32: one 16-byte load for 16-bit types, two for float32.
+template <typename S>
+__device__ __forceinline__ void load8_float(const S* src, float out[8]) {
+  if constexpr (std::is_same_v<S, float>) {
+    const float4 lo = *reinterpret_cast<const float4*>(src);
+    const float4 hi = *reinterpret_cast<const float4*>(src + 4);
+    out[0] = lo.x, out[1] = lo.y, out[2] = lo.z, out[3] = lo.w;
+    out[4] = hi.x, out[5] = hi.y, out[6] = hi.z, out[7] = hi.w;
+  } else {
+    Pack8<S> pack;
+    pack.bits = *reinterpret_cast<const uint4*>(src);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) out[q] = static_cast<float>(pack.v[q]);
+  }
+}
+
+template <typename S>
+__device__ __forceinline__ void store8_float(S* dst, const float v[8]) {
+  if constexpr (std::is_same_v<S, float>) {
+    *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(dst + 4) = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    Pack8<S> pack;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) pack.v[q] = S(v[q]);
+    *reinterpret_cast<uint4*>(dst) = pack.bits;
+  }
+}
+
+constexpr int kGatherShrinkThreads = 64;
+constexpr int kGatherExpandThreads = 128;
+constexpr int kGatherExpandColumns = 8 * kGatherExpandThreads;  // output columns per block
+
+template <typename T, typename TW, typename IdT, int RPAD>
+__global__ void __launch_bounds__(kGatherShrinkThreads) multi_lora_gather_shrink_kernel(const MultiLoraParams p) {
+  constexpr int kWarps = kGatherShrinkThreads / 32;
+  const int64_t t = blockIdx.x, split = blockIdx.y;
+  float* out = p.partial + (split * p.tokens + t) * p.rank;
+  const int a = slot_of<IdT>(p.ids, t, p.adapters);
+  if (a < 0) {
+    for (int64_t j = threadIdx.x; j < p.rank; j += kGatherShrinkThreads) out[j] = 0.f;
+    return;
+  }
+  const T* xt = static_cast<const T*>(p.x) + t * p.x_stride;
+  const TW* At = static_cast<const TW*>(p.lora_A) + static_cast<int64_t>(a) * p.rank * p.in;
+  const int64_t vecs = p.in / 8;
+  const int64_t v_begin = split * p.split_size, v_end = min(vecs, v_begin + p.split_size);
+  float acc[RPAD];
+#pragma unroll
+  for (int j = 0; j < RPAD; ++j) acc[j] = 0.f;
+  for (int64_t v = v_begin + threadIdx.x; v < v_end; v += kGatherShrinkThreads) {
+    float xv[8];
+    load8_float(xt + 8 * v, xv);
+#pragma unroll
+    for (int j = 0; j < RPAD; ++j) {
+      if (j < p.rank) {
+        float av[8];
+        load8_float(At + j * p.in + 8 * v, av);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[j] = fmaf(xv[q], av[q], acc[j]);
+      }
+    }
+  }
+  __shared__ float warp_sums[kWarps][RPAD];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < RPAD; ++j) {
+    float v = acc[j];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (lane == 0) warp_sums[warp][j] = v;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < p.rank; j += kGatherShrinkThreads) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][j];
+    out[j] = sum;
+  }
+}
+
+template <typename T, typename TW, typename IdT, int RPAD, bool RANK_VECTORS>
+__global__ void __launch_bounds__(kGatherExpandThreads) multi_lora_gather_expand_kernel(const MultiLoraParams p) {
+  const int64_t t = blockIdx.x;
+  const int a = slot_of<IdT>(p.ids, t, p.adapters);
+  if (a < 0) return;
+  __shared__ float xa[RPAD];
+  for (int j = threadIdx.x; j < RPAD; j += kGatherExpandThreads) {
+    float sum = 0.f;
+    if (j < p.rank) {
+      for (int64_t s = 0; s < p.splits; ++s) sum += p.partial[(s * p.tokens + t) * p.rank + j];
+    }
+    xa[j] = sum;
+  }
+  __syncthreads();
+  const int64_t o = static_cast<int64_t>(blockIdx.y) * kGatherExpandColumns + 8 * threadIdx.x;
+  if (o >= p.out) return;
+  const TW* Bo = static_cast<const TW*>(p.lora_B) + (static_cast<int64_t>(a) * p.out + o) * p.rank;
+  float acc[8];
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    acc[q] = 0.f;
+    if constexpr (RANK_VECTORS) {
+#pragma unroll
+      for (int j0 = 0; j0 < RPAD; j0 += 8) {
+        if (j0 < p.rank) {
+          float bv[8];
+          load8_float(Bo + q * p.rank + j0, bv);
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) acc[q] = fmaf(xa[j0 + jj], bv[jj], acc[q]);
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < p.rank; ++j) acc[q] = fmaf(xa[j], static_cast<float>(Bo[q * p.rank + j]), acc[q]);
+    }
+  }
+  T* yo = static_cast<T*>(p.y) + t * p.out + o;
+  float yv[8];
+  load8_float(yo, yv);
+  const float s = p.scalings[a];
+  // s·Σ rounded, then added and rounded once into y's dtype, as the CPU kernel does (no FMA contraction).
+#pragma unroll
+  for (int q = 0; q < 8; ++q) yv[q] = __fadd_rn(yv[q], __fmul_rn(s, acc[q]));
+  store8_float(yo, yv);
+}
+
+}  // namespace cuda
+}  // namespace lora_ext

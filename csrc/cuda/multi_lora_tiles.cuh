@@ -1,0 +1,247 @@
+// multi_lora_forward's low-rank term for runs of tokens sharing an adapter (Punica's SGMV shape: prefill), on
+// tensor cores (16×16×16 bf16/fp16 WMMA, float32 accumulators). The same workspace as the gather kernels
+// (multi_lora_gather.cuh): partial[split][t][j], added over the splits in a fixed order by the expand.
+//
+// Neither kernel needs the tokens sorted or any host-side metadata: each block reads the ids of its own tile,
+// and walks the distinct slots among them in increasing order (next_slot; usually one, two where a tile
+// straddles the boundary of two runs, none for a tile of base rows, which costs nothing then).
+//
+// Shrink: grid (tokens / 16, k-splits), 4 warps that split the block's share of the in-dimension (as
+// lora_shrink.cuh's kernel, whose tiles and pitches it reuses). Per distinct slot a of the tile: each warp
+// stages its 16 × 64 tile of x (16-byte loads, the next chunk's loads issued before this chunk's MMAs) and
+// A[a]'s r × 64 slice, MMAs into float32, the warps' sums are added in a fixed order, and the rows of the tile
+// whose slot is a are written. The MMA covers all 16 rows (tensor cores make the unused rows free) and no row is
+// read for another slot's result, so a NaN in one adapter stays in its rows. Bytes: x once per (tile, distinct
+// slot), i.e. once for a tile of one run; A[a] once per block from L2; partial 4·r bytes per row and split.
+// Splitting the in-dimension keeps ≥ 2 blocks per SM at a few hundred tokens.
+//
+// Expand: grid (tokens / 64, out / 64), 4 warps of 16 rows × 64 columns (as lora_expand_wmma.cuh). The block
+// loads its y tile first, stages xa (the splits added, rounded to the MMA type as the single-adapter path does)
+// once, then per distinct slot a stages B[a]'s 64 × r slice, MMAs, and keeps s[a]·product for the rows of slot a
+// in registers; y is written once, with one rounding of y + s·Σ. Bytes: y read and written once (rows of the
+// base layer are not written), B[a] once per (tile, distinct slot) from L2.
+//
+// Needs 16-bit x, in % 8 == 0, out % 8 == 0, r_max % 8 == 0 and ≤ 64, 16-byte aligned rows; multi_lora.cu
+// picks the gather or the general kernels otherwise.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <mma.h>
+
+#include "lora_expand_wmma.cuh"
+#include "lora_shrink.cuh"
+#include "multi_lora_gather.cuh"
+#include "wmma_tiles.cuh"
+
+namespace lora_ext {
+namespace cuda {
+
+constexpr int kTileShrinkRows = 16;
+constexpr int kTileExpandRows = expand_wmma_detail::kTile;
+constexpr int kTileExpandColumns = expand_wmma_detail::kTile;
+
+template <typename T, typename TW, typename IdT, int RPAD>
+__global__ void __launch_bounds__(128) multi_lora_tile_shrink_kernel(const MultiLoraParams p) {
+  using namespace shrink_detail;
+  using namespace nvcuda;
+  using MmaT = typename WmmaType<T>::type;
+  static_assert(RPAD % 16 == 0 && RPAD <= 64, "RPAD must be 16, 32, 48 or 64");
+  __shared__ __align__(32) T x_tile[kWarps][16][kPitch];
+  __shared__ __align__(32) T w_tile[kWarps][RPAD][kPitch];
+  __shared__ int row_slot[kTileShrinkRows];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileShrinkRows;
+  const int64_t chunks = (p.in + kTileK - 1) / kTileK;
+  const int64_t split_begin = blockIdx.y * p.split_size, split_end = min(chunks, split_begin + p.split_size);
+  const int64_t chunk_begin = split_begin + (split_end - split_begin) * warp / kWarps;
+  const int64_t chunk_end = split_begin + (split_end - split_begin) * (warp + 1) / kWarps;
+  const T* x = static_cast<const T*>(p.x);
+  float* out = p.partial + blockIdx.y * p.tokens * p.rank;
+
+  if (threadIdx.x < kTileShrinkRows) {
+    const int64_t row = row0 + threadIdx.x;
+    row_slot[threadIdx.x] = row < p.tokens ? slot_of<IdT>(p.ids, row, p.adapters) : -1;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kTileShrinkRows * p.rank; idx += 128) {  // base rows: xa = 0
+    const int r = idx / static_cast<int>(p.rank), j = idx % static_cast<int>(p.rank);
+    if (row0 + r < p.tokens && row_slot[r] < 0) out[(row0 + r) * p.rank + j] = 0.f;
+  }
+
+  for (int a = next_slot(row_slot, kTileShrinkRows, -1); a != kNoSlot; a = next_slot(row_slot, kTileShrinkRows, a)) {
+    const TW* w = static_cast<const TW*>(p.lora_A) + static_cast<int64_t>(a) * p.rank * p.in;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[RPAD / 16];
+#pragma unroll
+    for (int f = 0; f < RPAD / 16; ++f) wmma::fill_fragment(acc[f], 0.f);
+    uint4 x_next[4];
+    auto load_x = [&](int64_t k0) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int v = lane + 32 * i, r = v / 8, c = (v % 8) * 8;
+        const int64_t col = k0 + c, row = row0 + r;
+        x_next[i] = (col < p.in && row < p.tokens) ? *reinterpret_cast<const uint4*>(x + row * p.x_stride + col)
+                                                   : make_uint4(0, 0, 0, 0);
+      }
+    };
+    if (chunk_begin < chunk_end) load_x(chunk_begin * kTileK);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t k0 = chunk * kTileK;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int v = lane + 32 * i, r = v / 8, c = (v % 8) * 8;
+        *reinterpret_cast<uint4*>(&x_tile[warp][r][c]) = x_next[i];
+      }
+      if (chunk + 1 < chunk_end) load_x(k0 + kTileK);
+#pragma unroll
+      for (int i = 0; i < RPAD * 8 / 32; ++i) {
+        const int v = lane + 32 * i, j = v / 8, c = (v % 8) * 8;
+        const int64_t col = k0 + c;
+        uint4 bits = make_uint4(0, 0, 0, 0);
+        if (j < p.rank && col < p.in) bits = load8_as<T>(w + j * p.in + col);
+        *reinterpret_cast<uint4*>(&w_tile[warp][j][c]) = bits;
+      }
+      __syncwarp();
+#pragma unroll
+      for (int kk = 0; kk < kTileK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, MmaT, wmma::row_major> xf;
+        wmma::load_matrix_sync(xf, reinterpret_cast<const MmaT*>(&x_tile[warp][0][kk]), kPitch);
+#pragma unroll
+        for (int f = 0; f < RPAD / 16; ++f) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, MmaT, wmma::col_major> wf;
+          wmma::load_matrix_sync(wf, reinterpret_cast<const MmaT*>(&w_tile[warp][f * 16][kk]), kPitch);
+          wmma::mma_sync(acc[f], xf, wf, acc[f]);
+        }
+      }
+      __syncwarp();
+    }
+
+    // The four warps' partial sums, added in a fixed order through the (now free) A tiles.
+    __syncthreads();
+    float* sums = reinterpret_cast<float*>(&w_tile[0][0][0]);  // [kWarps][16][RPAD]
+    static_assert(sizeof(float) * kWarps * 16 * RPAD <= sizeof(T) * kWarps * RPAD * kPitch, "reuse fits");
+#pragma unroll
+    for (int f = 0; f < RPAD / 16; ++f) {
+      wmma::store_matrix_sync(sums + warp * 16 * RPAD + f * 16, acc[f], RPAD, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * RPAD; idx += 128) {
+      const int r = idx / RPAD, j = idx % RPAD;
+      if (j >= p.rank || row_slot[r] != a) continue;
+      float sum = 0.f;
+#pragma unroll
+      for (int q = 0; q < kWarps; ++q) sum += sums[q * 16 * RPAD + r * RPAD + j];
+      out[(row0 + r) * p.rank + j] = sum;
+    }
+    __syncthreads();  // the next slot stages its A tiles where the sums are
+  }
+}
+
+template <typename T, typename TW, typename IdT, int RPAD>
+__global__ void __launch_bounds__(128) multi_lora_tile_expand_kernel(const MultiLoraParams p) {
+  using namespace expand_wmma_detail;
+  using namespace nvcuda;
+  using MmaT = typename WmmaType<T>::type;
+  constexpr int kPitch = RPAD + 8;
+  __shared__ __align__(32) T xa_tile[kTile][kPitch];
+  __shared__ __align__(32) T b_tile[kTile][kPitch];  // [o][j]: column-major (j × o) for the MMA
+  __shared__ __align__(32) float out_tile[4][16][kOutPitch];
+  __shared__ int row_slot[kTile];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTile, n0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  T* y = static_cast<T*>(p.y);
+  if (threadIdx.x < kTile) {
+    const int64_t row = m0 + threadIdx.x;
+    row_slot[threadIdx.x] = row < p.tokens ? slot_of<IdT>(p.ids, row, p.adapters) : -1;
+  }
+  __syncthreads();
+  int a = next_slot(row_slot, kTile, -1);
+  if (a == kNoSlot) return;  // a tile of base rows: y is final
+
+  // 1. This warp's 16 × 64 slice of y, loaded before anything else.
+  uint4 old[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int v = lane + 32 * i, r = v / 8, c = (v % 8) * 8;
+    const int64_t row = m0 + warp * 16 + r, col = n0 + c;
+    old[i] = make_uint4(0, 0, 0, 0);
+    if (row < p.tokens && col < p.out) old[i] = *reinterpret_cast<const uint4*>(y + row * p.out + col);
+  }
+
+  // 2. xa for the tile's 64 rows: the splits added in order, rounded to the MMA type once.
+  for (int v = threadIdx.x; v < kTile * RPAD; v += 128) {
+    const int r = v / RPAD, j = v % RPAD;
+    float sum = 0.f;
+    if (j < p.rank && row_slot[r] >= 0) {
+      for (int64_t s = 0; s < p.splits; ++s) sum += p.partial[(s * p.tokens + m0 + r) * p.rank + j];
+    }
+    xa_tile[r][j] = T(sum);
+  }
+
+  float delta[4][8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int q = 0; q < 8; ++q) delta[i][q] = 0.f;
+  }
+  const TW* lora_B = static_cast<const TW*>(p.lora_B);
+  for (; a != kNoSlot; a = next_slot(row_slot, kTile, a)) {
+    // 3. B[a]'s columns n0…n0+63, all RPAD ranks (ranks ≥ r are zero).
+    for (int v = threadIdx.x; v < kTile * (RPAD / 8); v += 128) {
+      const int n = v / (RPAD / 8), j = (v % (RPAD / 8)) * 8;
+      const int64_t col = n0 + n;
+      uint4 bits = make_uint4(0, 0, 0, 0);
+      if (col < p.out && j < p.rank) bits = load8_as<T>(lora_B + (static_cast<int64_t>(a) * p.out + col) * p.rank + j);
+      *reinterpret_cast<uint4*>(&b_tile[n][j]) = bits;
+    }
+    __syncthreads();
+
+    // 4. This warp's 16 × 64 product, parked in shared memory as float32.
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, MmaT, wmma::row_major> xf[RPAD / 16];
+#pragma unroll
+    for (int kk = 0; kk < RPAD / 16; ++kk) {
+      wmma::load_matrix_sync(xf[kk], reinterpret_cast<const MmaT*>(&xa_tile[warp * 16][kk * 16]), kPitch);
+    }
+#pragma unroll
+    for (int f = 0; f < kTile / 16; ++f) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < RPAD / 16; ++kk) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, MmaT, wmma::col_major> bf;
+        wmma::load_matrix_sync(bf, reinterpret_cast<const MmaT*>(&b_tile[f * 16][kk * 16]), kPitch);
+        wmma::mma_sync(acc, xf[kk], bf, acc);
+      }
+      wmma::store_matrix_sync(&out_tile[warp][0][f * 16], acc, kOutPitch, wmma::mem_row_major);
+    }
+    __syncwarp();
+
+    // 5. s[a]·product for this warp's rows of slot a.
+    const float s = p.scalings[a];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int v = lane + 32 * i, r = v / 8, c = (v % 8) * 8;
+      if (row_slot[warp * 16 + r] != a) continue;
+#pragma unroll
+      for (int q = 0; q < 8; ++q) delta[i][q] = __fmul_rn(s, out_tile[warp][r][c + q]);
+    }
+    __syncthreads();  // the next slot restages b_tile and out_tile
+  }
+
+  // 6. y += s·Σ, rounded once, 16 bytes at a time; base rows are left as they are.
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int v = lane + 32 * i, r = v / 8, c = (v % 8) * 8;
+    const int64_t row = m0 + warp * 16 + r, col = n0 + c;
+    if (row >= p.tokens || col >= p.out || row_slot[warp * 16 + r] < 0) continue;
+    Pack8<T> pack;
+    pack.bits = old[i];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) pack.v[q] = T(__fadd_rn(static_cast<float>(pack.v[q]), delta[i][q]));
+    *reinterpret_cast<uint4*>(y + row * p.out + col) = pack.bits;
+  }
+}
+
+}  // namespace cuda
+}  // namespace lora_ext

@@ -339,7 +339,22 @@ class AdapterStack:
 def _lora_layers(model, where: str):
     from .layer import LoRALinear
 
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    # named_modules() order, without descending into a LoRALinear: its adapters are submodules, and walking them
+    # would make every call O(loaded adapters).
+    layers, seen = [], set()
+
+    def walk(prefix, module):
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if isinstance(module, LoRALinear):
+            layers.append((prefix, module))
+            return
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(f"{prefix}.{name}" if prefix else name, child)
+
+    walk("", model)
     if not layers:
         raise ValueError(f"{where}: the model has no LoRALinear layers; lora_ext.inject(model, ...) first")
     merged = [n for n, layer in layers if layer.merged]
@@ -355,14 +370,13 @@ def _check_names(names, layers, where: str) -> List[Optional[str]]:
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
         raise TypeError(f"{where}: adapter_names must be a list with one adapter name (or None) per batch row, "
                         f"or a tensor of slot ids; got {type(names).__name__}")
-    known = set()
-    for _, layer in layers:
-        known.update(layer.adapters.keys())
     for name in names:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"{where}: each entry must be an adapter name or None, got {name!r}")
-        if name is not None and name not in known:
-            raise KeyError(f"{where}: no layer of the model has an adapter named {name!r}; it has {sorted(known)}")
+    for name in dict.fromkeys(names):  # each distinct name once: O(distinct names × layers), not O(loaded adapters)
+        if name is not None and not any(name in layer.adapters for _, layer in layers):
+            known = sorted({n for _, layer in layers for n in layer.adapters.keys()})
+            raise KeyError(f"{where}: no layer of the model has an adapter named {name!r}; it has {known}")
     return list(names)
 
 

@@ -149,19 +149,9 @@ __global__ void __launch_bounds__(kGatherExpandThreads) multi_lora_gather_expand
   if (a < 0) return;
   __shared__ float xa[RPAD];
   for (int j = threadIdx.x; j < RPAD; j += kGatherExpandThreads) {
-    // The splits added in order s = 0, 1, …, their loads issued 8 at a time so that the L2 latencies overlap
-    // (a dependent chain of 8 reads cost ≈ 4 µs per call).
     float sum = 0.f;
     if (j < p.rank) {
-      for (int64_t s0 = 0; s0 < p.splits; s0 += 8) {
-        float v[8];
-#pragma unroll
-        for (int q = 0; q < 8; ++q) v[q] = s0 + q < p.splits ? p.partial[((s0 + q) * p.tokens + t) * p.rank + j] : 0.f;
-#pragma unroll
-        for (int q = 0; q < 8; ++q) {
-          if (s0 + q < p.splits) sum += v[q];
-        }
-      }
+      for (int64_t s = 0; s < p.splits; ++s) sum += p.partial[(s * p.tokens + t) * p.rank + j];
     }
     xa[j] = sum;
   }

@@ -169,23 +169,14 @@ __global__ void __launch_bounds__(128) multi_lora_tile_expand_kernel(const Multi
     if (row < p.tokens && col < p.out) old[i] = *reinterpret_cast<const uint4*>(y + row * p.out + col);
   }
 
-  // 2. xa for the tile's 64 rows: the splits added in order, rounded to the MMA type once. All of a split's
-  // loads are issued together (a chain of dependent L2 reads per element made this kernel 2× its bytes' time).
-  constexpr int kPerThread = kTile * RPAD / 128;
-  float xa_sum[kPerThread];
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) xa_sum[i] = 0.f;
-  for (int64_t s = 0; s < p.splits; ++s) {
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int v = threadIdx.x + 128 * i, r = v / RPAD, j = v % RPAD;
-      if (j < p.rank && row_slot[r] >= 0) xa_sum[i] += p.partial[(s * p.tokens + m0 + r) * p.rank + j];
+  // 2. xa for the tile's 64 rows: the splits added in order, rounded to the MMA type once.
+  for (int v = threadIdx.x; v < kTile * RPAD; v += 128) {
+    const int r = v / RPAD, j = v % RPAD;
+    float sum = 0.f;
+    if (j < p.rank && row_slot[r] >= 0) {
+      for (int64_t s = 0; s < p.splits; ++s) sum += p.partial[(s * p.tokens + m0 + r) * p.rank + j];
     }
-  }
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int v = threadIdx.x + 128 * i;
-    xa_tile[v / RPAD][v % RPAD] = T(xa_sum[i]);
+    xa_tile[r][j] = T(sum);
   }
 
   float delta[4][8];

@@ -141,7 +141,7 @@ void launch_gather(MultiLoraParams p, const at::Tensor& x) {
   dispatch_rank_pad(p.rank, [&](auto rpad_tag) {
     constexpr int RPAD = decltype(rpad_tag)::value;
     multi_lora_gather_shrink_kernel<T, TW, IdT, RPAD>
-        <<<dim3(static_cast<unsigned>(p.tokens), static_cast<unsigned>(splits)), kGatherShrinkThreads, 0, stream>>>(p);
+        <<<dim3(static_cast<unsigned>(p.tokens), static_cast<unsigned>(p.splits)), kGatherShrinkThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const dim3 grid(static_cast<unsigned>(p.tokens), static_cast<unsigned>(column_blocks));
     if (p.rank % 8 == 0) {
@@ -170,7 +170,7 @@ void launch_tiles(MultiLoraParams p, const at::Tensor& x) {
   dispatch_rank_pad(p.rank, [&](auto rpad_tag) {
     constexpr int RPAD = decltype(rpad_tag)::value;
     multi_lora_tile_shrink_kernel<T, TW, IdT, RPAD>
-        <<<dim3(static_cast<unsigned>(shrink_tiles), static_cast<unsigned>(splits)), 128, 0, stream>>>(p);
+        <<<dim3(static_cast<unsigned>(shrink_tiles), static_cast<unsigned>(p.splits)), 128, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     multi_lora_tile_expand_kernel<T, TW, IdT, RPAD>
         <<<dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(column_tiles)), 128, 0, stream>>>(p);

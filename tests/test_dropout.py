@@ -123,6 +123,44 @@ def test_new_dropout_seed(device):
     assert not torch.equal(a, b), "two draws from the generator gave the same seed"
 
 
+def _philox4x32_10(c, k):
+    """Philox4x32-10 (Salmon et al. 2011) in plain Python integers: the reference for csrc/dropout_mask.h."""
+    c0, c1, c2, c3 = c
+    k0, k1 = k
+    mask32 = 0xFFFFFFFF
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & mask32, p1 & mask32, ((p0 >> 32) ^ c3 ^ k1) & mask32, p0 & mask32
+        k0, k1 = (k0 + 0x9E3779B9) & mask32, (k1 + 0xBB67AE85) & mask32
+    return c0, c1, c2, c3
+
+
+def _reference_keep_mask(seed, rows, cols, p):
+    """Element (row, col) is kept when its 16-bit half of Philox word (col % 8) // 2, counter (col // 8, row),
+    key seed, is ≥ floor(p · 2^16)."""
+    threshold = min(math.floor(p * 65536.0), 65535)
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for row in range(rows):
+        for group in range((cols + 7) // 8):
+            words = _philox4x32_10((group & 0xFFFFFFFF, group >> 32, row & 0xFFFFFFFF, row >> 32),
+                                   (seed & 0xFFFFFFFF, seed >> 32))
+            for e in range(min(8, cols - 8 * group)):
+                half = (words[e // 2] >> (16 * (e % 2))) & 0xFFFF
+                mask[row, 8 * group + e] = half >= threshold
+    return mask
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+@pytest.mark.parametrize("rows,cols", [(3, 45), (17, 8), (2, 100)])
+def test_mask_matches_python_philox_reference(rows, cols, p):
+    """Pins the CPU mask's random stream to an independent implementation (the CUDA mask must equal the CPU
+    one: test_mask_cpu_equals_cuda), so that a faster CPU generator cannot drift from it unnoticed."""
+    for seed_value in (0, 12345, 2**40 + 3):
+        cpu = ops.dropout_keep_mask(seed_tensor(seed_value, "cpu"), rows, cols, p)
+        reference = _reference_keep_mask(seed_value, rows, cols, p)
+        assert torch.equal(cpu, reference), f"seed {seed_value}: mask differs from the reference"
+
+
 @requires_cuda
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.7])
 @pytest.mark.parametrize("rows,cols", [(37, 13), (1, 1000), (513, 7), (256, 512)])

@@ -81,6 +81,45 @@ C10_HOST_DEVICE inline unsigned dropout_keep8(uint64_t seed, uint64_t row, uint6
   return keep;
 }
 
+// dropout_keep8 for the eight column groups first_group … first_group + 7 of a row (64 columns), on the host:
+// the same Philox rounds written lane by lane over the groups, so that the compiler turns them into vector
+// instructions (one scalar call per group made the CPU mask about a third of a training step with dropout).
+inline void dropout_keep8_x8(uint64_t seed, uint64_t row, uint64_t first_group, uint32_t threshold,
+                             unsigned (&keep)[8]) {
+  constexpr uint32_t kMulA = 0xD2511F53u, kMulB = 0xCD9E8D57u;
+  constexpr uint32_t kWeylA = 0x9E3779B9u, kWeylB = 0xBB67AE85u;
+  uint32_t c0[8], c1[8], c2[8], c3[8];
+  for (int lane = 0; lane < 8; ++lane) {
+    const uint64_t group = first_group + static_cast<uint64_t>(lane);
+    c0[lane] = static_cast<uint32_t>(group);
+    c1[lane] = static_cast<uint32_t>(group >> 32);
+    c2[lane] = static_cast<uint32_t>(row);
+    c3[lane] = static_cast<uint32_t>(row >> 32);
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    for (int lane = 0; lane < 8; ++lane) {
+      const uint64_t product0 = static_cast<uint64_t>(kMulA) * c0[lane];
+      const uint64_t product1 = static_cast<uint64_t>(kMulB) * c2[lane];
+      c0[lane] = static_cast<uint32_t>(product1 >> 32) ^ c1[lane] ^ k0;
+      c1[lane] = static_cast<uint32_t>(product1);
+      c2[lane] = static_cast<uint32_t>(product0 >> 32) ^ c3[lane] ^ k1;
+      c3[lane] = static_cast<uint32_t>(product0);
+    }
+    k0 += kWeylA;
+    k1 += kWeylB;
+  }
+  for (int lane = 0; lane < 8; ++lane) {
+    const uint32_t words[4] = {c0[lane], c1[lane], c2[lane], c3[lane]};
+    unsigned bits = 0;
+    for (int w = 0; w < 4; ++w) {
+      bits |= ((words[w] & 0xffffu) >= threshold ? 1u : 0u) << (2 * w);
+      bits |= ((words[w] >> 16) >= threshold ? 1u : 0u) << (2 * w + 1);
+    }
+    keep[lane] = bits;
+  }
+}
+
 C10_HOST_DEVICE inline bool dropout_keep(uint64_t seed, uint64_t row, uint64_t column, uint32_t threshold) {
   return (dropout_keep8(seed, row, column >> 3, threshold) >> (column & 7)) & 1u;
 }

@@ -151,7 +151,7 @@ def _reference_keep_mask(seed, rows, cols, p):
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
-@pytest.mark.parametrize("rows,cols", [(3, 45), (17, 8), (2, 100)])
+@pytest.mark.parametrize("rows,cols", [(3, 45), (17, 8), (2, 100), (3, 200)])
 def test_mask_matches_python_philox_reference(rows, cols, p):
     """Pins the CPU mask's random stream to an independent implementation (the CUDA mask must equal the CPU
     one: test_mask_cpu_equals_cuda), so that a faster CPU generator cannot drift from it unnoticed."""

@@ -24,12 +24,22 @@ template <typename scalar_t, typename Visit>
 void for_each_keep_factor(uint64_t seed, int64_t rows, int64_t cols, double dropout_p, const Visit& visit) {
   const uint32_t threshold = dropout_threshold(dropout_p);
   const scalar_t kept = static_cast<scalar_t>(dropout_keep_scale(dropout_p));
+  const int64_t whole_blocks = cols / 64;  // 8 groups of 8 columns at a time (dropout_keep8_x8)
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      for (int64_t group = 0; group * 8 < cols; ++group) {
+      const int64_t row_start = row * cols;
+      for (int64_t block = 0; block < whole_blocks; ++block) {
+        unsigned keep[8];
+        dropout_keep8_x8(seed, row, block * 8, threshold, keep);
+        for (int lane = 0; lane < 8; ++lane) {
+          const int64_t first = row_start + block * 64 + lane * 8;
+          for (int e = 0; e < 8; ++e) visit(first + e, ((keep[lane] >> e) & 1u) ? kept : scalar_t(0));
+        }
+      }
+      for (int64_t group = whole_blocks * 8; group * 8 < cols; ++group) {
         const unsigned keep = dropout_keep8(seed, row, group, threshold);
         for (int64_t col = group * 8; col < std::min<int64_t>(cols, group * 8 + 8); ++col) {
-          visit(row * cols + col, ((keep >> (col - group * 8)) & 1u) ? kept : scalar_t(0));
+          visit(row_start + col, ((keep >> (col - group * 8)) & 1u) ? kept : scalar_t(0));
         }
       }
     }

@@ -18,6 +18,10 @@
 // through .data) and sets kAdapterChanged where lora_A or lora_B no longer equals it.
 #pragma once
 
+#include <cmath>
+#include <limits>
+#include <utility>
+
 #include <ATen/ATen.h>
 
 #include "checks.h"
@@ -61,7 +65,22 @@ inline void check_merge_exact_inputs(const at::Tensor& weight, const at::Tensor&
   check_same_device(record, "record", weight, op, "weight");
   check_same_device(state, "state", weight, op, "weight");
   check_same_device(adapter_copy, "adapter_copy", weight, op, "weight");
-  LORA_CHECK(!may_share_memory(weight, adapter_copy), op, ": weight and adapter_copy share memory");
+  // The kernels compute in float32: a finite double scaling beyond float's range would turn into Inf there and
+  // be reported as an adapter that overflows.
+  LORA_CHECK(std::abs(scaling) <= static_cast<double>(std::numeric_limits<float>::max()), op, ": scaling = ", scaling,
+             " is beyond float32's range (the exact merge computes in float32)");
+  // The merge writes adapter_copy, record and state while other blocks read W, A and B: no two may overlap.
+  const std::pair<const at::Tensor*, const char*> written[] = {{&adapter_copy, "adapter_copy"}, {&record, "record"},
+                                                               {&state, "state"}};
+  const std::pair<const at::Tensor*, const char*> all[] = {{&weight, "weight"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"},
+                                                           {&adapter_copy, "adapter_copy"}, {&record, "record"},
+                                                           {&state, "state"}};
+  for (const auto& [out, out_name] : written) {
+    for (const auto& [other, other_name] : all) {
+      if (out == other || out->numel() == 0 || other->numel() == 0) continue;
+      LORA_CHECK(!may_share_memory(*out, *other), op, ": ", out_name, " and ", other_name, " share memory");
+    }
+  }
   LORA_CHECK(tiles <= INT32_MAX, op, ": weight has too many ", kMergeTileRows, " x ", kMergeTileCols,
              " tiles for one launch (", tiles, ")");
 }

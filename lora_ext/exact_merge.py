@@ -184,6 +184,8 @@ class FusedMergeRecord:
     entries: torch.Tensor  # (tile-local index << width) | original bits, per element a plain unmerge misses
     state: torch.Tensor  # the merge's state: flags, then where each tile's entries start and how many there are
     adapter: torch.Tensor  # lora_A and lora_B as merged, flattened one after the other
+    scaling: float = 0.0  # the merge's scaling: the unmerge must subtract the same delta
+    weight_shape: Tuple[int, ...] = ()  # W's shape at merge: the record's tile words index into it
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.entries, self.state, self.adapter))
@@ -224,7 +226,7 @@ def fused_merge_with_record(weight, lora_A, lora_B, scaling, capacity: Optional[
         entries = entries[:written].clone()  # don't hold on to a mostly empty buffer
     else:
         entries = entries[:written]
-    record = FusedMergeRecord(entries, state, adapter)
+    record = FusedMergeRecord(entries, state, adapter, float(scaling), tuple(weight.shape))
     if flags & (_BECAME_NON_FINITE | _DELTA_NON_FINITE):  # rare: find out why, with W still merged
         try:
             _raise_if_adapter_non_finite(lora_A, lora_B)
@@ -243,7 +245,13 @@ def fused_merge_with_record(weight, lora_A, lora_B, scaling, capacity: Optional[
 @torch.no_grad()
 def fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record: FusedMergeRecord) -> None:
     """Undo fused_merge_with_record: W -= scaling·B·A with the same arithmetic and the adapter as it was merged
-    (record.adapter), then the recorded elements put back, all in one kernel. No host sync."""
+    (record.adapter), then the recorded elements put back, all in one kernel. No host sync. The kernel trusts the
+    record's tile words, so a record is only ever applied to the weight, shape and scaling it was made for."""
+    if tuple(weight.shape) != record.weight_shape or float(scaling) != record.scaling:
+        raise ValueError(
+            f"unmerge: this merge record was made for a weight of shape {record.weight_shape} and scaling "
+            f"{record.scaling}, not {tuple(weight.shape)} and {float(scaling)}; the weight was left unchanged"
+        )
     torch.ops.lora_ext.merge_exact_(weight, lora_A, lora_B, scaling, True, record.entries, record.state,
                                     record.adapter)
 

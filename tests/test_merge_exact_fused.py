@@ -174,3 +174,43 @@ def test_layer_round_trips_bit_exact_without_warnings(device):
                 layer.merge()
                 layer.unmerge()
         assert_bit_identical(layer.weight.detach(), original, f"{dtype} weight after 3 round trips")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_record_applies_only_to_its_own_shape_and_scaling(device):
+    """The unmerge kernel trusts the record's tile words: a record made for another shape or scaling is refused
+    before anything is written (from a review: a foreign record could address rows past W)."""
+    weight = torch.randn(64, 512, device=device).to(torch.bfloat16)
+    A, B = _adapter(64, 512, 8, torch.bfloat16, device)
+    record = fused_merge_with_record(weight, A, B, 2.0)
+    merged = weight.clone()
+    with pytest.raises(ValueError, match="scaling"):
+        fused_unmerge_with_record(weight, A, B, 3.0, record)
+    other = torch.randn(32, 512, device=device).to(torch.bfloat16)
+    other_copy = other.clone()
+    with pytest.raises(ValueError, match="shape"):
+        fused_unmerge_with_record(other, A, B[:32], 2.0, record)
+    assert_bit_identical(weight, merged)
+    assert_bit_identical(other, other_copy)
+    fused_unmerge_with_record(weight, A, B, 2.0, record)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_operator_rejects_scaling_beyond_float32_and_aliased_buffers(device):
+    weight = torch.randn(16, 256, device=device).to(torch.bfloat16)
+    A, B = _adapter(16, 256, 4, torch.bfloat16, device)
+    original = weight.clone()
+    state = torch.zeros(_STATE_HEADER + _tiles(weight), dtype=torch.int64, device=device)
+    record = torch.empty(64, dtype=_ENTRY_DTYPE[weight.dtype], device=device)
+    copy = torch.empty(A.numel() + B.numel(), dtype=A.dtype, device=device)
+    with pytest.raises(RuntimeError, match="beyond float32's range"):
+        torch.ops.lora_ext.merge_exact_(weight, A, B, 1e39, False, record, state, copy)
+    aliased = torch.empty(A.numel() + B.numel() + A.numel(), dtype=A.dtype, device=device)
+    A_in_copy = aliased[:A.numel()].view_as(A)
+    A_in_copy.copy_(A)
+    with pytest.raises(RuntimeError, match="adapter_copy and lora_A share memory"):
+        torch.ops.lora_ext.merge_exact_(weight, A_in_copy, B, 2.0, False, record, state,
+                                        aliased[:A.numel() + B.numel()])
+    with pytest.raises(RuntimeError, match="record and state share memory"):
+        torch.ops.lora_ext.merge_exact_(weight, A, B, 2.0, False, state[:8].view(torch.int32), state, copy)
+    assert_bit_identical(weight, original)

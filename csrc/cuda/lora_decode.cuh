@@ -15,6 +15,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>
 
+#include <array>
+#include <atomic>
+
 #include "wmma_tiles.cuh"
 
 namespace lora_ext {
@@ -158,9 +161,11 @@ __global__ void __launch_bounds__(kDecodeThreads) lora_decode_cluster_kernel(con
       }
     }
 #pragma unroll
-    for (int e = 0; e < 8; ++e) out.v[e] = T(static_cast<float>(out.v[e]) + p.scaling * acc[e]);
+    for (int e = 0; e < 8; ++e) out.v[e] = T(__fadd_rn(static_cast<float>(out.v[e]), __fmul_rn(p.scaling, acc[e])));
     *reinterpret_cast<uint4*>(y + o) = out.bits;
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // compiled for an architecture without clusters: launch_decode never launches it there
 #endif
 }
 
@@ -236,7 +241,7 @@ __global__ void __launch_bounds__(256) lora_decode_block_kernel(const DecodePara
       }
     }
 #pragma unroll
-    for (int e = 0; e < 8; ++e) out.v[e] = T(static_cast<float>(out.v[e]) + p.scaling * acc[e]);
+    for (int e = 0; e < 8; ++e) out.v[e] = T(__fadd_rn(static_cast<float>(out.v[e]), __fmul_rn(p.scaling, acc[e])));
     *reinterpret_cast<uint4*>(y + o) = out.bits;
   }
 }
@@ -251,6 +256,29 @@ inline bool decode_supported(const at::Tensor& x, const at::Tensor& lora_A, cons
   if (y.stride(1) != 1 || (tokens > 1 && y.stride(0) % 8 != 0) || !aligned16(y.data_ptr())) return false;
   if (lora_A.stride(1) != 1 || (rank > 1 && lora_A.stride(0) % 8 != 0) || !aligned16(lora_A.data_ptr())) return false;
   return lora_B.stride(1) == 1 && lora_B.stride(0) % 8 == 0 && aligned16(lora_B.data_ptr());
+}
+
+// The cluster launch of one instantiation of lora_decode_cluster_kernel, or false where it cannot run: a device
+// before sm_90; a build whose code for this kernel is PTX of an older architecture, JIT-compiled here (its body
+// is then the empty pre-sm_90 one: a silent no-op, found in review); a GPU that accepts no 8-block cluster
+// (e.g. a partitioned one). Decided once per device and instantiation.
+template <typename Kernel>
+bool cluster_decode_usable(Kernel kernel, const cudaLaunchConfig_t& config) {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> decided{};  // 0: not yet, 1: usable, 2: not
+  const int device = at::cuda::current_device();
+  if (at::cuda::getCurrentDeviceProperties()->major < 9) return false;
+  std::atomic<int>* slot = device < kMaxDevices ? &decided[device] : nullptr;
+  if (slot != nullptr && slot->load() != 0) return slot->load() == 1;
+  bool usable = false;
+  cudaFuncAttributes attributes{};
+  if (cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.ptxVersion >= 90) {
+    int clusters = 0;
+    usable = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+  }
+  (void)cudaGetLastError();  // a failed query is an answer (use the block kernel), not a pending error
+  if (slot != nullptr) slot->store(usable ? 1 : 2);
+  return usable;
 }
 
 template <typename T, typename TW>
@@ -278,19 +306,20 @@ void launch_decode(at::Tensor& y, at::Tensor& lora_activation, const at::Tensor&
   const auto launch = [&](auto rpad_tag, auto dropout_tag) {
     constexpr int RPAD = decltype(rpad_tag)::value;
     constexpr bool DROPOUT = decltype(dropout_tag)::value;
-    if (at::cuda::getCurrentDeviceProperties()->major >= 9) {
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(kDecodeClusterBlocks, static_cast<unsigned>(x.size(0)));  // a cluster per token
-      config.blockDim = dim3(kDecodeThreads);
-      config.stream = stream;
-      cudaLaunchAttribute cluster{};
-      cluster.id = cudaLaunchAttributeClusterDimension;
-      cluster.val.clusterDim.x = kDecodeClusterBlocks;
-      cluster.val.clusterDim.y = 1;
-      cluster.val.clusterDim.z = 1;
-      config.attrs = &cluster;
-      config.numAttrs = 1;
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, lora_decode_cluster_kernel<T, TW, RPAD, DROPOUT>, p));
+    const auto cluster_kernel = lora_decode_cluster_kernel<T, TW, RPAD, DROPOUT>;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(kDecodeClusterBlocks, static_cast<unsigned>(x.size(0)));  // a cluster per token
+    config.blockDim = dim3(kDecodeThreads);
+    config.stream = stream;
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = kDecodeClusterBlocks;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    if (cluster_decode_usable(cluster_kernel, config)) {
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, cluster_kernel, p));
     } else {
       lora_decode_block_kernel<T, TW, RPAD, DROPOUT><<<static_cast<unsigned>(x.size(0)), 256, 0, stream>>>(p);
     }

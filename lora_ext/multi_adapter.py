@@ -387,6 +387,32 @@ def _ids_tensor(slots: Sequence[int], device: torch.device) -> torch.Tensor:
     return ids.to(device)
 
 
+# adapter_slot_ids marks the tensors it makes (valid by construction) with their in-place version counter;
+# mixed_adapters skips its range check (a host sync) for them while they are unchanged.
+_CHECKED_VERSION_ATTRIBUTE = "_lora_ext_checked_version"
+
+
+def _remember_checked(ids: torch.Tensor) -> torch.Tensor:
+    setattr(ids, _CHECKED_VERSION_ATTRIBUTE, ids._version)
+    return ids
+
+
+def _check_slot_ids(ids: torch.Tensor, layers, where: str) -> None:
+    """Every id is -1 (the base layer) or a slot every layer has: one host sync, once per batch where the ids enter,
+    for a tensor adapter_slot_ids did not make (or that was edited since). The CUDA kernels would treat a bad id as
+    the base layer, silently; the CPU kernel raises, but only inside the first layer."""
+    if getattr(ids, _CHECKED_VERSION_ATTRIBUTE, None) == ids._version:
+        return
+    if ids.numel() == 0:
+        return
+    slots = min(layer._adapter_stack.capacity for _, layer in layers)
+    low, high = torch.stack([ids.min(), ids.max()]).tolist()
+    if low < -1 or high >= slots:
+        raise ValueError(f"{where}: slot ids must be -1 (the base layer) or 0 … {slots - 1} (the slots every layer "
+                         f"has), got values from {low} to {high}; nothing was changed. adapter_slot_ids(model, "
+                         f"names) makes valid ids")
+
+
 @contextlib.contextmanager
 def mixed_adapters(model, adapter_names: Union[Sequence[Optional[str]], torch.Tensor]):
     """Inside, every LoRALinear of `model` applies a per-row adapter (multi_lora_forward), inference only.
@@ -396,7 +422,9 @@ def mixed_adapters(model, adapter_names: Union[Sequence[Optional[str]], torch.Te
     Names are mapped to each layer's slots on the host once and copied to the device once (non_blocking); layers
     with the same name -> slot map share one ids tensor. A layer lacking an adapter named in the batch computes
     its base layer for those rows (as PEFT does for missing adapters). Merged layers are an error. Dropout is not
-    applied; the forward has no autograd formula.
+    applied; the forward has no autograd formula. A slot-id tensor that adapter_slot_ids did not make (or that was
+    edited in place since) is range-checked on entry, with one host sync: enter the context outside CUDA-graph
+    capture; ids copied into a captured tensor later are not checked (the kernels treat bad ids as the base).
     Host cost per layer, independent of how many adapters are loaded: with names, the named adapters' in-place
     edits are looked for (AdapterStack.sync_names); with a slot-id tensor, only additions and removals
     (sync_structure): after editing an adapter in place, call lora_ext.adapter_slot_ids again (or
@@ -411,6 +439,7 @@ def mixed_adapters(model, adapter_names: Union[Sequence[Optional[str]], torch.Te
         for _, layer in layers:
             layer._current_adapter_stack()  # O(1): the ids were made by adapter_slot_ids, which synced in full
             per_layer[layer] = adapter_names
+        _check_slot_ids(adapter_names, layers, where)
     else:
         names = _check_names(adapter_names, layers, where)
         distinct = [n for n in dict.fromkeys(names) if n is not None]
@@ -461,4 +490,4 @@ def adapter_slot_ids(model, adapter_names: Sequence[Optional[str]], device=None)
         stack.reserve(layer, needed)
     if device is None:
         device = layers[0][1].weight.device
-    return _ids_tensor([-1 if n is None else slot_of[n] for n in names], torch.device(device))
+    return _remember_checked(_ids_tensor([-1 if n is None else slot_of[n] for n in names], torch.device(device)))

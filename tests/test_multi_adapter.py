@@ -743,3 +743,30 @@ def test_in_place_edits_seen_by_names_and_by_adapter_slot_ids():
             mixed = layer(x)
         layer.set_adapter("b")
         assert_rel_close(mixed, layer(x), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_slot_ids_are_refused_where_they_enter(device):
+    """A hand-made slot-id tensor is range-checked once, on entering mixed_adapters (issue 8: a clear error where
+    the ids enter, never a silent base-only row on CUDA); nothing is set on the layers; ids from
+    adapter_slot_ids skip the check (no sync) until they are edited in place."""
+    torch.manual_seed(0)
+    model = Net().to(device).eval()
+    lora_ext.inject(model, ["seq.0", "seq.2"], r=4, adapter_name="one")
+    lora_ext.inject(model, ["seq.0", "seq.2"], r=4, adapter_name="two")
+    slots = min(layer.adapter_stack().capacity for _, layer in lora_ext.lora_layers(model))
+    x = torch.randn(3, 16, device=device)
+    for bad in ([0, slots, -1], [0, -2, 1]):
+        with pytest.raises(ValueError, match="slot ids must be -1"):
+            with lora_ext.mixed_adapters(model, torch.tensor(bad, device=device)):
+                pass
+        assert all(layer._mixed_ids is None for _, layer in lora_ext.lora_layers(model))
+    good = lora_ext.adapter_slot_ids(model, ["one", None, "two"])
+    with torch.no_grad(), lora_ext.mixed_adapters(model, good):
+        y = model(x)
+    with torch.no_grad(), lora_ext.mixed_adapters(model, good.clone()):  # a copy: checked, and valid
+        assert_bit_identical(model(x), y)
+    good[1] = slots  # edited in place: checked again
+    with pytest.raises(ValueError, match="slot ids must be -1"):
+        with lora_ext.mixed_adapters(model, good):
+            pass

@@ -10,8 +10,12 @@ CPU), as ratios to the frozen base layer:
   lora_ext ids     the same with the slot ids computed once per batch (lora_ext.adapter_slot_ids), as a server
                    shares them across layers and steps
   lora_ext graph   the layer call captured in a CUDA graph with the ids tensor (GPU only)
+  single (graph)   the same batch with every row on one adapter, through the same path: issue 8 asks a mixed
+                   batch to cost ≤ 1.05× this ("mixed/single" columns)
   peft             PEFT's mixed batch, model(x, adapter_names=names) (eager)
-Cases follow issue 8's table (in = out = 4096, r = 16, bf16 on a GPU; smaller and float32 on the CPU).
+Cases follow issue 8's table (in = out = 4096, r = 16, bf16 on a GPU; smaller and float32 on the CPU), plus 2 and
+64 adapters used, prefill and decoding. `--plot PATH` draws the ratios (log scale); `--from-json PATH --plot PATH`
+draws a saved run without timing anything.
 """
 import os
 import sys
@@ -119,24 +123,67 @@ def run_case(label, sequences, tokens, loaded, used, width, rank, dtype, device)
             with lora_ext.mixed_adapters(ours, ids):
                 return ours(x)
 
+        single_ids = lora_ext.adapter_slot_ids(ours, [batch_names[0]] * sequences)
+
+        def ours_single():
+            with lora_ext.mixed_adapters(ours, single_ids):
+                return ours(x)
+
         row["ms"]["lora_ext"] = median_ms(ours_names, on_gpu)
         row["ms"]["lora_ext ids"] = median_ms(ours_ids, on_gpu)
+        row["ms"]["single"] = median_ms(ours_single, on_gpu)
         if on_gpu:
             row["ms"]["base graph"] = graph_ms(lambda: base(x))
             with lora_ext.mixed_adapters(ours, ids):
                 row["ms"]["lora_ext graph"] = graph_ms(lambda: ours(x))
+            with lora_ext.mixed_adapters(ours, single_ids):
+                row["ms"]["single graph"] = graph_ms(lambda: ours(x))
         if theirs is not None:
             row["ms"]["peft"] = median_ms(lambda: theirs(x, adapter_names=batch_names), on_gpu)
             difference = (ours_ids().float() - theirs(x, adapter_names=batch_names).float()).abs().max().item()
             row["max_abs_difference_vs_peft"] = difference
     row["ratio"] = {impl: ms / row["ms"]["base graph" if "graph" in impl else "base"] for impl, ms in row["ms"].items()}
+    row["mixed/single"] = row["ms"]["lora_ext ids"] / row["ms"]["single"]
+    if "single graph" in row["ms"]:
+        row["mixed/single graph"] = row["ms"]["lora_ext graph"] / row["ms"]["single graph"]
     return row
+
+
+def plot(rows, path, header):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    impls = [i for i in ("lora_ext", "lora_ext ids", "lora_ext graph", "peft") if any(i in r["ratio"] for r in rows)]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(impls)
+    for n, impl in enumerate(impls):
+        xs = [i + n * width for i in range(len(rows))]
+        ax.bar(xs, [r["ratio"].get(impl, float("nan")) for r in rows], width, label=impl)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([r["case"] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("time / frozen base layer (log)")
+    ax.set_title(f"Multi-adapter batches: {header.get('device')}, {header.get('dtype')}, width {header.get('width')}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None, help="draw the ratios here (PNG)")
+    parser.add_argument("--from-json", default=None, help="plot this saved run instead of timing (needs --plot)")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        plot(saved["rows"], args.plot or "multi_adapter.png", saved["header"])
+        return
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -147,6 +194,11 @@ def main():
         ("8 seq x prefill, 64 loaded", 8, prefill, 64, 8),
         ("32 x 1 token, 4 adapters", 32, 1, 4, 4),
         ("32 x 1 token, 32 of 64", 32, 1, 64, 32),
+        # issue 8's "mixed ≤ 1.05× single adapter" cases: 2 and 64 adapters used (8 is above), prefill and decoding
+        ("8 seq x prefill, 2 adapters", 8, prefill, 2, 2),
+        ("64 seq x prefill/8, 64 adapters", 64, prefill // 8, 64, 64),
+        ("32 x 1 token, 2 adapters", 32, 1, 2, 2),
+        ("64 x 1 token, 64 adapters", 64, 1, 64, 64),
     ]
     header = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
               "peft": getattr(peft, "__version__", None), "dtype": str(dtype), "width": width, "rank": 16}
@@ -157,10 +209,14 @@ def main():
         rows.append(row)
         ratios = "  ".join(f"{impl} {r:.2f}x" for impl, r in row["ratio"].items() if impl not in ("base", "base graph"))
         check = f"  |ours - peft| {row['max_abs_difference_vs_peft']:.1e}" if "max_abs_difference_vs_peft" in row else ""
-        print(f"{label:30s} base {row['ms']['base']:.4f} ms  {ratios}{check}", flush=True)
+        single = f"  mixed/single {row['mixed/single']:.2f}" + (
+            f" (graph {row['mixed/single graph']:.2f})" if "mixed/single graph" in row else "")
+        print(f"{label:32s} base {row['ms']['base']:.4f} ms  {ratios}{single}{check}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot, header)
 
 
 if __name__ == "__main__":

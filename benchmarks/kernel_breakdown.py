@@ -60,7 +60,7 @@ class _Wrapper(nn.Module):
         return self.proj(x)
 
 
-def multi_adapter(sequences, tokens, loaded, used, width=4096, rank=16):
+def multi_adapter(sequences, tokens, loaded, used, width=4096, rank=16, by_names=False):
     base = nn.Linear(width, width, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
     model = _Wrapper(base)
     names = [f"task{i}" for i in range(loaded)]
@@ -70,12 +70,13 @@ def multi_adapter(sequences, tokens, loaded, used, width=4096, rank=16):
         for adapter in model.proj.adapters.values():
             adapter.lora_B.normal_(0, 0.01)
     model.eval()
-    ids = lora_ext.adapter_slot_ids(model, [names[i % used] for i in range(sequences)])
+    batch = [names[i % used] for i in range(sequences)]
+    ids = lora_ext.adapter_slot_ids(model, batch)
     x = torch.randn(sequences, tokens, width, device="cuda", dtype=torch.bfloat16)
 
     @torch.no_grad()
     def step():
-        with lora_ext.mixed_adapters(model, ids):
+        with lora_ext.mixed_adapters(model, batch if by_names else ids):  # names: mapped and copied per call
             model(x)
     return step
 
@@ -91,6 +92,7 @@ CASES = {
     "merge": merge_pair,
     "multi_prefill_8": lambda: multi_adapter(8, 512, 8, 8),
     "multi_decode_32of64": lambda: multi_adapter(32, 1, 64, 32),
+    "multi_decode_4_names": lambda: multi_adapter(32, 1, 4, 4, by_names=True),
 }
 
 

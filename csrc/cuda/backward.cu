@@ -40,8 +40,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
 
   // The adapters transposed into contiguous copies (r × out and in × r; small): the tensor-core kernels read
   // them 16 bytes at a time along K and along the rank, where the strided views cost them 1.3–2.5× (r = 64).
-  const at::Tensor lora_B_t = dims.tokens > 0 ? lora_B.t().contiguous() : lora_B.t();
-  const at::Tensor lora_A_t = compute_grad_x && dims.tokens > 0 ? lora_A.t().contiguous() : lora_A.t();
+  // Below kShrinkWmmaMinTokens the general kernels run and the two copies would only add launches.
+  const bool copy_transposes = dims.tokens >= kShrinkWmmaMinTokens;
+  const at::Tensor lora_B_t = copy_transposes ? lora_B.t().contiguous() : lora_B.t();
+  const at::Tensor lora_A_t = copy_transposes && compute_grad_x ? lora_A.t().contiguous() : lora_A.t();
 
   dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using act_t = decltype(act_tag);

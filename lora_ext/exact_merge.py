@@ -198,8 +198,7 @@ def _tiles(weight: torch.Tensor) -> int:
     return -(-weight.shape[0] // _TILE_ROWS) * -(-weight.shape[1] // _TILE_COLS)
 
 
-@torch.no_grad()
-def fused_merge_with_record(weight, lora_A, lora_B, scaling, capacity: Optional[int] = None) -> FusedMergeRecord:
+def _fused_merge(weight, lora_A, lora_B, scaling, capacity: Optional[int] = None) -> FusedMergeRecord:
     """weight += scaling·B·A in one pass, returning what unmerge needs to restore W bit for bit. One host sync
     (the state's header); a second launch only when the record outgrew `capacity` (default: 1/16 of W's
     elements), for just the tiles that did not fit. NonFiniteAdapterError (a ValueError), W unchanged, when the
@@ -236,14 +235,13 @@ def fused_merge_with_record(weight, lora_A, lora_B, scaling, capacity: Optional[
                     f"overflows {weight.dtype}); the weight was left unchanged"
                 )
         except ValueError:
-            fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record)
+            _fused_unmerge(weight, lora_A, lora_B, scaling, record)
             raise
         # Otherwise s·B·A overflowed only where W already held NaN/Inf: nothing became non-finite; merged.
     return record
 
 
-@torch.no_grad()
-def fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record: FusedMergeRecord) -> None:
+def _fused_unmerge(weight, lora_A, lora_B, scaling, record: FusedMergeRecord) -> None:
     """Undo fused_merge_with_record: W -= scaling·B·A with the same arithmetic and the adapter as it was merged
     (record.adapter), then the recorded elements put back, all in one kernel. No host sync. The kernel trusts the
     record's tile words, so a record is only ever applied to the weight, shape and scaling it was made for."""
@@ -254,6 +252,12 @@ def fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record: FusedMerg
         )
     torch.ops.lora_ext.merge_exact_(weight, lora_A, lora_B, scaling, True, record.entries, record.state,
                                     record.adapter)
+
+
+# The public entry points; LoRALinear.merge/unmerge, already under no_grad, call the cores directly (each
+# no_grad decorator costs a few µs of host time, and a merge/unmerge pair on a GPU is bound by host time).
+fused_merge_with_record = torch.no_grad()(_fused_merge)
+fused_unmerge_with_record = torch.no_grad()(_fused_unmerge)
 
 
 def adapter_changed_while_merged(record) -> bool:
@@ -301,10 +305,18 @@ def record_matches(record, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: t
     return identity.versions == (lora_A._version, lora_B._version)
 
 
+_HAS_FUSED_KERNEL = {}  # device type -> whether lora_ext::merge_exact_ has a kernel there (fixed once loaded)
+
+
 def _fused_available(weight: torch.Tensor) -> bool:
-    return (weight.dtype in _ENTRY_DTYPE and weight.numel() > 0
-            and torch._C._dispatch_has_kernel_for_dispatch_key("lora_ext::merge_exact_",
-                                                               weight.device.type.upper()))
+    if weight.dtype not in _ENTRY_DTYPE or weight.numel() == 0:
+        return False
+    device_type = weight.device.type
+    available = _HAS_FUSED_KERNEL.get(device_type)
+    if available is None:
+        available = torch._C._dispatch_has_kernel_for_dispatch_key("lora_ext::merge_exact_", device_type.upper())
+        _HAS_FUSED_KERNEL[device_type] = available
+    return available
 
 
 def merge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float):
@@ -314,7 +326,7 @@ def merge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     _check_mergeable(weight)
     identity = _MergeIdentity(_weight_key(weight), float(scaling), (lora_A._version, lora_B._version))
     if _fused_available(weight):
-        record = fused_merge_with_record(weight, lora_A, lora_B, scaling)
+        record = _fused_merge(weight, lora_A, lora_B, scaling)
     else:
         _raise_if_adapter_non_finite(lora_A, lora_B)
         identity.adapter = _adapter_copy(lora_A, lora_B)
@@ -328,7 +340,7 @@ def unmerge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torc
     """Undo merge_with_record, bit for bit, with the path that made the record and the adapter as it was merged
     (adapter_changed_while_merged(record) then says whether lora_A/lora_B differ from it)."""
     if isinstance(record, FusedMergeRecord):
-        fused_unmerge_with_record(weight, lora_A, lora_B, scaling, record)
+        _fused_unmerge(weight, lora_A, lora_B, scaling, record)
         return
     identity = getattr(record, "identity", None)
     if identity is not None and identity.adapter is not None:

@@ -237,13 +237,17 @@ class LoRALinear(nn.Module):
             )
         if not self.adapters_enabled:
             raise RuntimeError("LoRALinear.merge: adapters are disabled; enable_adapters() first")
+        adapter = self._active()
         try:  # the merge checks the adapter for NaN/Inf itself (a flag of its kernel: no extra pass, no sync)
-            self._merge_record = merge_with_record(self.weight, self.lora_A, self.lora_B, self.scaling)
+            record = merge_with_record(_parameter(self, "weight"), adapter.lora_A, adapter.lora_B, adapter.scaling)
         except NonFiniteAdapterError as error:
             raise ValueError(
                 f"LoRALinear.merge: {error.tensor_name} holds NaN or Inf; the weight was left unchanged"
             ) from None
-        self._merged_adapter = self.active_adapter
+        # Plain attributes (never tensors or modules): set past nn.Module.__setattr__'s registry checks, which
+        # cost a few µs each on a host-bound merge/unmerge.
+        object.__setattr__(self, "_merge_record", record)
+        object.__setattr__(self, "_merged_adapter", self.active_adapter)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -254,10 +258,9 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
         adapter = self.adapters[self._merged_adapter]
-        record = self._merge_record
-        if record is not None and record_matches(record, self.weight, adapter.lora_A, adapter.lora_B,
-                                                 adapter.scaling):
-            unmerge_with_record(self.weight, adapter.lora_A, adapter.lora_B, adapter.scaling, record)
+        record, weight = self._merge_record, _parameter(self, "weight")
+        if record is not None and record_matches(record, weight, adapter.lora_A, adapter.lora_B, adapter.scaling):
+            unmerge_with_record(weight, adapter.lora_A, adapter.lora_B, adapter.scaling, record)
             if adapter_changed_while_merged(record):  # one flag read back, after the unmerge is queued
                 warnings.warn(
                     "LoRALinear.unmerge: the adapter changed while merged (an edit through .data); W was restored "
@@ -269,9 +272,9 @@ class LoRALinear(nn.Module):
                 "converted or moved to another dtype or device, or a layer loaded merged); subtracting the current "
                 "adapter, which does not restore W bit for bit"
             )
-            ops.unmerge_(self.weight, adapter.lora_A, adapter.lora_B, adapter.scaling)
-        self._merged_adapter = None
-        self._merge_record = None
+            ops.unmerge_(weight, adapter.lora_A, adapter.lora_B, adapter.scaling)
+        object.__setattr__(self, "_merged_adapter", None)
+        object.__setattr__(self, "_merge_record", None)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

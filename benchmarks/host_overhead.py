@@ -57,6 +57,26 @@ def main():
         "LoRALinear.forward": lambda: layer.forward(x),
         "LoRALinear module": lambda: layer(x),
     }
+    # Mixed-adapter decoding (issue 8): 32 rows of one token each, 4 or 64 adapters loaded, all named in the batch.
+    for loaded in (4, 64):
+        mixed = lora_ext.LoRALinear.from_linear(nn.Linear(args.width, args.width, device=device, dtype=dtype),
+                                                r=args.rank, adapter_name="task0")
+        for i in range(1, loaded):
+            mixed.add_adapter(f"task{i}", r=args.rank)
+        mixed.eval()
+        names = [f"task{i % loaded}" for i in range(32)]
+        ids = lora_ext.adapter_slot_ids(mixed, names)
+        x_rows = torch.randn(32, 1, args.width, device=device, dtype=dtype)
+
+        def by_ids(mixed=mixed, ids=ids, x_rows=x_rows):
+            with lora_ext.mixed_adapters(mixed, ids):
+                return mixed(x_rows)
+
+        def by_names(mixed=mixed, names=names, x_rows=x_rows):
+            with lora_ext.mixed_adapters(mixed, names):
+                return mixed(x_rows)
+        rows[f"mixed 32 rows, {loaded} loaded, ids"] = by_ids
+        rows[f"mixed 32 rows, {loaded} loaded, names"] = by_names
     print(f"device {device} | width {args.width} | tokens {args.tokens} | r {args.rank} | torch {torch.__version__}")
     with torch.no_grad():
         for name, fn in rows.items():

@@ -311,19 +311,25 @@ class LoRALinear(nn.Module):
         return stack.sync_structure(self)
 
     def _mixed_forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        # Host-bound at decoding sizes, like forward(): the input checks run only when the operator fails.
+        if self._merged_adapter is not None:
             raise RuntimeError(
                 f"LoRALinear: adapter {self._merged_adapter!r} is merged into the weight; mixed-adapter batches "
                 "need unmerged adapters (unmerge() first)"
             )
-        if self._autocast_dtype(x) is not None:
+        if (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")) and \
+                self._autocast_dtype(x) is not None:
             raise RuntimeError("LoRALinear: mixed-adapter batches do not support torch.autocast yet; run the model "
                                "in its own dtype")
-        self._check_input(x, self.weight, self.weight.dtype)
-        if not self.adapters_enabled:
-            return F.linear(x, self.weight, self.bias)
-        stack = self._current_adapter_stack()
-        return multi_lora_linear(x, self.weight, self.bias, stack.lora_A, stack.lora_B, stack.scalings, ids)
+        weight, bias = _parameter(self, "weight"), _parameter(self, "bias")
+        try:
+            if not self.adapters_enabled:
+                return F.linear(x, weight, bias)
+            stack = self._current_adapter_stack()
+            return multi_lora_linear(x, weight, bias, stack.lora_A, stack.lora_B, stack.scalings, ids)
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            self._check_input(x, weight, weight.dtype)  # raises the clearer error where it applies
+            raise
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward

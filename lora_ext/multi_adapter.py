@@ -96,8 +96,8 @@ def _multi_lora_forward_fake(x, weight, bias, lora_A_stack, lora_B_stack, scalin
 
 def _multi_lora_forward_composite(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids):
     """multi_lora_forward from torch ops, with no host-device synchronisation (no .item(), nonzero, unique or
-    boolean-mask indexing), so CUDA graphs can capture it. The CUDA implementation for now: correct, not yet fast.
-    TODO(issue 8, next step): replaced by a hand-written CUDA kernel (csrc/cuda/) next session.
+    boolean-mask indexing), so CUDA graphs can capture it. Used on CUDA only by a build without lora_ext's CUDA
+    kernels (csrc/cuda/multi_lora.cu is the real implementation): correct, not fast.
 
     Masked dense low rank: x·A_allᵀ for all n slots at once, (tokens, n·r_max); then per slot its B product,
     scaled, kept by torch.where for the tokens of that slot only. The mask is applied after each slot's B product,
@@ -171,7 +171,9 @@ def multi_lora_linear(
 def _adapter_record(adapter) -> tuple:
     """What identifies an adapter's current values: its parameters' identity, storage and in-place version
     counters (tensor._version, bumped by every in-place edit), rank, scaling and dtype."""
-    a, b = adapter.lora_A, adapter.lora_B
+    parameters = adapter._parameters  # not nn.Module.__getattr__: this runs per named adapter per batch
+    a = parameters["lora_A"] if "lora_A" in parameters else adapter.lora_A
+    b = parameters["lora_B"] if "lora_B" in parameters else adapter.lora_B
     return (id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version, adapter.r, adapter.scaling, a.dtype)
 
 

@@ -147,16 +147,21 @@ __global__ void __launch_bounds__(kGatherExpandThreads) multi_lora_gather_expand
   const int64_t t = blockIdx.x;
   const int a = slot_of<IdT>(p.ids, t, p.adapters);
   if (a < 0) return;
+  // y's 8 values are loaded first, so their latency overlaps the split sums and B's loads.
+  const int64_t o = static_cast<int64_t>(blockIdx.y) * kGatherExpandColumns + 8 * threadIdx.x;
+  T* yo = static_cast<T*>(p.y) + t * p.out + o;
+  float yv[8];
+  if (o < p.out) load8_float(yo, yv);
   __shared__ float xa[RPAD];
   for (int j = threadIdx.x; j < RPAD; j += kGatherExpandThreads) {
     float sum = 0.f;
     if (j < p.rank) {
+#pragma unroll 4
       for (int64_t s = 0; s < p.splits; ++s) sum += p.partial[(s * p.tokens + t) * p.rank + j];
     }
     xa[j] = sum;
   }
   __syncthreads();
-  const int64_t o = static_cast<int64_t>(blockIdx.y) * kGatherExpandColumns + 8 * threadIdx.x;
   if (o >= p.out) return;
   const TW* Bo = static_cast<const TW*>(p.lora_B) + (static_cast<int64_t>(a) * p.out + o) * p.rank;
   float acc[8];
@@ -177,9 +182,6 @@ __global__ void __launch_bounds__(kGatherExpandThreads) multi_lora_gather_expand
       for (int64_t j = 0; j < p.rank; ++j) acc[q] = fmaf(xa[j], static_cast<float>(Bo[q * p.rank + j]), acc[q]);
     }
   }
-  T* yo = static_cast<T*>(p.y) + t * p.out + o;
-  float yv[8];
-  load8_float(yo, yv);
   const float s = p.scalings[a];
   // s·Σ rounded, then added and rounded once into y's dtype, as the CPU kernel does (no FMA contraction).
 #pragma unroll

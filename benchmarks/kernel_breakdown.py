@@ -76,6 +76,7 @@ def multi_adapter(sequences, tokens, loaded, used, width=4096, rank=16, by_names
 CASES = {
     "fwd_bwd_r4": lambda: training_step(4),
     "fwd_bwd_r16": lambda: training_step(16),
+    "fwd_bwd_r16_dropout": lambda: training_step(16, dropout=0.05),
     "fwd_bwd_r32": lambda: training_step(32),
     "fwd_bwd_r64": lambda: training_step(64),
     "fwd_bwd_r128": lambda: training_step(128),

@@ -13,17 +13,30 @@
 // per row (8 bf16/fp16 or 2 × 4 float32), a warp 512 or 1024 contiguous bytes per row. Bytes moved: W read once
 // and written once, plus the record (merge: written, about 4 bytes per recorded element; unmerge: read and
 // scattered inside the tile, which is still in L2); A and B come from L2 (A's column slice is re-read once per
-// 32 rows). Why this shape (the first version, one column and 16 rows per thread with scalar 2-byte accesses,
-// took ≈ 5.7× W.clone() on an H100):
-//   * the thread issues its W loads first, so they are in flight while the adapter is staged and d computed;
+// 32 rows). The kernel is bound by instruction issue and latency, not by DRAM (an H100 ran the previous version,
+// 124 registers and ≈ 2660 instructions per thread, at 18% of DRAM bandwidth), so the design counts
+// instructions and registers:
+//   * W's elements are requested first, so they are in flight while the adapter is staged and d computed. For a
+//     16-bit W with 16-byte rows they go through cp.async into shared memory (no registers held meanwhile), so
+//     the 16-bit kernels fit in 80 registers: 3 blocks (24 warps) per SM. float32 W loads into registers (128
+//     registers, 2 blocks/SM); the scalar path (kVec = false, 16-bit) loads after the FMAs.
 //   * d for 4 rows × 8 columns is a register tile: per rank j, 2 float4 of A and 1 float4 of B from shared
-//     memory feed 32 FMAs, so shared-memory traffic is 1/4 of what one-row-per-thread would need (the FMAs,
-//     r per element, are the kernel's real arithmetic floor: ≈ 9 µs for 4096² at r = 16 on an H100);
-//   * A and B are staged as float (no conversion inside the FMA loop), 16 ranks at a time (18 KB of shared
-//     memory, two blocks per SM at ≤ 128 registers), one __syncthreads for r ≤ 16;
+//     memory feed 32 FMAs (the FMAs, r per element, are the kernel's arithmetic floor: 512 per thread at r = 16).
+//     For r ≤ 16 (one chunk) the rank loop is fully unrolled, straight-line code with immediate shared-memory
+//     offsets; larger ranks loop over chunks of 16.
+//   * A and B are staged as float (no conversion inside the FMA loop), 16 ranks at a time, one __syncthreads for
+//     r ≤ 16; the staging stores are free of bank conflicts (a swizzled A layout, a padded B layout). Copying
+//     the adapter (the merge's first row / column of tiles) and comparing it (the unmerge from a copy) take a
+//     separate staging path, so the common one only loads, converts and stores.
+//   * Indices inside the tile are 32-bit; only the tile's and the thread's base pointers are 64-bit.
+//   * The epilogue works on words of two 16-bit elements: one F2FP rounds two values (the same rounding as
+//     static_cast<T>(float)), and the record question "round(round(w + δ) − δ) != w?" is first asked of whole
+//     words (x = back ^ w, OR-ed together). NaN/Inf checks are a probe, probe = fma(δ, 0, probe), NaN iff some δ
+//     is NaN/Inf; a finite w that becomes NaN/Inf always mismatches, so kBecameNonFinite is looked for only
+//     where x != 0. Only then (rare) does the thread look at single elements.
 //   * the merge reserves its tile's record slots with one atomicAdd per block, and only when the tile has
-//     mismatches (most tiles in low-rank merges have few); the unmerge applies its tile's entries itself, after
-//     its stores, instead of a separate scatter kernel over W.
+//     mismatches (one __syncthreads_or tells the block; most tiles in low-rank merges have none); the unmerge
+//     applies its tile's entries itself, after its stores, instead of a separate scatter kernel over W.
 // When W's rows are not 16-byte aligned (a view, or in_features not a multiple of 8 / 4) the same kernel runs
 // with one scalar access per element (kVec = false): same arithmetic, same bits.
 #include <ATen/ATen.h>
@@ -134,16 +147,11 @@ __device__ __forceinline__ uint32_t round_pair(float low, float high) {
   }
 }
 
-// Element e's bits and its value as float, from the words.
+// Element e's bits, from the words.
 template <typename T>
 __device__ __forceinline__ typename Bits<T>::type element_bits(const uint32_t (&words)[kWords<T>], int e) {
   if constexpr (sizeof(T) == 4) return words[e];
   else return static_cast<uint16_t>(words[e / 2] >> (16 * (e % 2)));
-}
-template <typename T>
-__device__ __forceinline__ float bits_to_float(typename Bits<T>::type b) {
-  if constexpr (sizeof(T) == 4) return __uint_as_float(b);
-  else return low_to_float<T>(b);
 }
 // isfinite of the value, from its bits (all exponent bits set: Inf or NaN). On the bits rather than on the float
 // value so that nvcc does not keep the fast path's unpacked floats alive for the rare path.
@@ -152,13 +160,6 @@ __device__ __forceinline__ bool finite_bits(typename Bits<T>::type b) {
   constexpr uint32_t kExponent = sizeof(T) == 4 ? 0x7F800000u : std::is_same_v<T, at::BFloat16> ? 0x7F80u : 0x7C00u;
   return (b & kExponent) != kExponent;
 }
-// round(x) to T, as bits: the same rounding as round_pair (the low half of the pair).
-template <typename T>
-__device__ __forceinline__ typename Bits<T>::type round_bits(float x) {
-  if constexpr (sizeof(T) == 4) return __float_as_uint(x);
-  else return static_cast<uint16_t>(round_pair<T>(x, 0.f));
-}
-
 // A thread's 4 × 8 elements of W as words (row i in words kWords / 4 · i ..); row points at the thread's first
 // element, rows_left / cols_left say how many of its rows / columns are inside W (elements outside are neither
 // read nor written: their words stay 0).
@@ -390,8 +391,13 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 2 ? 3 : 2) exact_merge_
       }
     }
     __syncthreads();
-#pragma unroll 2
-    for (int j = 0; j < chunk; ++j) rank_step(j);
+    if (chunk == kRankChunk) {
+#pragma unroll
+      for (int j = 0; j < kRankChunk; ++j) rank_step(j);
+    } else {
+#pragma unroll 4
+      for (int j = 0; j < chunk; ++j) rank_step(j);
+    }
   };
   const int rank = static_cast<int>(p.rank);
   if (rank <= kRankChunk) {  // the common case, straight-line: no pointer stays live across chunks
@@ -420,8 +426,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 2 ? 3 : 2) exact_merge_
   // the common case is x == 0 everywhere and no NaN/Inf delta: probe = fma(delta, 0, probe) stays 0 unless some
   // delta is NaN/Inf (then it is NaN; IEEE arithmetic, no fast-math, so nvcc cannot fold it). A finite w whose
   // merged value is NaN/Inf comes back NaN/Inf, i.e. mismatches: kBecameNonFinite needs a look only when x != 0.
-  // Threads at W's edge take the element-by-element path (elements outside W: no record, no flags; their d may
-  // be NaN when the adapter holds Inf).
+  // Elements outside W are computed too (never stored) but give no record entry and no flag.
   const float s = p.scaling;
   uint32_t result[kW];
   unsigned mismatches = 0;  // bit e: element e needs a record entry

@@ -214,3 +214,88 @@ def test_operator_rejects_scaling_beyond_float32_and_aliased_buffers(device):
     with pytest.raises(RuntimeError, match="record and state share memory"):
         torch.ops.lora_ext.merge_exact_(weight, A, B, 2.0, False, state[:8].view(torch.int32), state, copy)
     assert_bit_identical(weight, original)
+
+
+# The CUDA kernel's arithmetic, emulated exactly on the CPU (the CPU kernel sums with BLAS, in its own order, so
+# it is not the reference here): d = fma(B[o, j], A[j, k], d) for j ascending from 0, delta = s·d, merged =
+# round(w + delta), and a record entry wherever round(merged − delta) != w.
+def _fma_float32(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 fma(b, a, c) rounded once, from float64 arithmetic: the product is exact (24 + 24 bits), the sum
+    is exact as s + err (TwoSum), and rounding s to float32 can differ from rounding s + err only where s is a
+    float32 midpoint and err != 0 (then s is nudged towards err first)."""
+    p = b.double() * a.double()
+    c64 = c.double()
+    s = p + c64
+    bb = s - p
+    err = (p - (s - bb)) + (c64 - bb)
+    r = s.float()
+    toward = torch.where(s > r.double(), torch.tensor(float("inf")), torch.tensor(float("-inf"))).float()
+    midpoint = (r.double() + torch.nextafter(r, toward).double()) / 2
+    fix = (s == midpoint) & (err != 0) & (s != r.double())
+    if bool(fix.any()):
+        nudged = torch.nextafter(s, torch.where(err > 0, torch.tensor(float("inf"), dtype=torch.float64),
+                                                torch.tensor(float("-inf"), dtype=torch.float64)))
+        r = torch.where(fix, nudged.float(), r)
+    return r
+
+
+def _kernel_reference(weight, A, B, scaling):
+    """(merged W, {flat index: original bits} of the elements a plain unmerge misses), as the CUDA kernel computes
+    them, on the CPU."""
+    w, a, b = weight.cpu(), A.cpu().float(), B.cpu().float()
+    d = torch.zeros(w.shape, dtype=torch.float32)
+    for j in range(a.shape[0]):
+        d = _fma_float32(b[:, j:j + 1].expand_as(d), a[j:j + 1, :].expand_as(d), d)
+    delta = torch.tensor(scaling, dtype=torch.float32) * d
+    merged = (w.float() + delta).to(w.dtype)
+    back = (merged.float() - delta).to(w.dtype)
+    bits = {2: torch.int16, 4: torch.int32}[w.element_size()]
+    miss = (back.view(bits) != w.view(bits)).flatten().nonzero().flatten().tolist()
+    mask = (1 << 8 * w.element_size()) - 1
+    originals = w.view(bits).flatten()
+    return merged, {i: int(originals[i]) & mask for i in miss}
+
+
+def test_reference_fma_is_exactly_rounded():
+    from fractions import Fraction
+    g = torch.Generator().manual_seed(0)
+    b, a, c = (torch.randn(4000, generator=g) * torch.rand(4000, generator=g) ** 8 for _ in range(3))
+    r = _fma_float32(b, a, c)
+    for i in range(4000):
+        exact = Fraction(float(b[i])) * Fraction(float(a[i])) + Fraction(float(c[i]))
+        lo = torch.tensor(float(exact), dtype=torch.float64).float()  # nearest double, then float: bracket it
+        candidates = {float(lo), float(torch.nextafter(lo, torch.tensor(float("inf")))),
+                      float(torch.nextafter(lo, torch.tensor(float("-inf"))))}
+        best = min(candidates, key=lambda v: (abs(Fraction(v) - exact),
+                                              int(torch.tensor(v).view(torch.int32)) & 1))
+        assert float(r[i]) == best, (float(b[i]), float(a[i]), float(c[i]))
+
+
+@pytest.mark.parametrize("device,dtype,adapter_dtype",
+                         [c for c in DEVICE_DTYPES if c.values[0] == "cuda" and c.values[1] != torch.float64])
+@pytest.mark.parametrize("shape", [(70, 520, 33), (37, 131, 16), (64, 512, 16), (33, 264, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_merge_matches_exact_reference(device, dtype, adapter_dtype, shape):
+    """W after the CUDA merge, and its record, are bit for bit those of the kernel's arithmetic (fma over j
+    ascending, then ·s, one rounding into W's dtype) emulated on the CPU: a kernel rewrite must not change them."""
+    out_f, in_f, rank = shape
+    weight = _random_weight(out_f, in_f, dtype, device)
+    original = weight.clone()
+    A, B = _adapter(out_f, in_f, rank, adapter_dtype, device, scale=0.3)
+    expected, expected_record = _kernel_reference(weight, A, B, 2.0)
+    record = fused_merge_with_record(weight, A, B, 2.0)
+    assert_bit_identical(weight.cpu(), expected, "merged weight vs the emulated kernel arithmetic")
+    width = 8 * weight.element_size()
+    entries, words = record.entries.cpu().tolist(), record.state[_STATE_HEADER:].cpu().tolist()
+    tiles_per_row = -(-in_f // 256)
+    got = {}
+    for tile, word in enumerate(words):
+        start, count = word >> 16, (word & 0xFFFF) - 1
+        for entry in entries[start:start + count]:
+            local, bits = (entry % (1 << 64)) >> width, entry & ((1 << width) - 1)
+            row = tile // tiles_per_row * 32 + local // 256
+            col = tile % tiles_per_row * 256 + local % 256
+            got[row * in_f + col] = bits
+    assert got == expected_record
+    fused_unmerge_with_record(weight, A, B, 2.0, record)
+    assert_bit_identical(weight, original, "weight after merge + unmerge")

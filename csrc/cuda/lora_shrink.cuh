@@ -99,28 +99,16 @@ __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParam
   }
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     const int64_t k0 = chunk * kTileK;
-    if constexpr (DROPOUT) {
-      // The next chunk's loads go out before this chunk's mask is drawn, so the Philox arithmetic overlaps
-      // them (drawn first, it delayed every load by the mask's latency: shrink 29 → 42 µs with dropout).
-      uint4 x_now[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) x_now[i] = x_next[i];
-      if (chunk + 1 < chunk_end) load_x(k0 + kTileK);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int v = lane + 32 * i, r = v / 8, c = (v % 8) * 8;
-        uint4 bits = x_now[i];
+    for (int i = 0; i < 4; ++i) {
+      const int v = lane + 32 * i, r = v / 8, c = (v % 8) * 8;
+      uint4 bits = x_next[i];
+      if constexpr (DROPOUT) {
         if (k0 + c < p.k) bits = apply_dropout8<T>(bits, seed, row0 + r, k0 + c, p.dropout_threshold);
-        *reinterpret_cast<uint4*>(&x_tile[warp][r][c]) = bits;
       }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int v = lane + 32 * i, r = v / 8, c = (v % 8) * 8;
-        *reinterpret_cast<uint4*>(&x_tile[warp][r][c]) = x_next[i];
-      }
-      if (chunk + 1 < chunk_end) load_x(k0 + kTileK);
+      *reinterpret_cast<uint4*>(&x_tile[warp][r][c]) = bits;
     }
+    if (chunk + 1 < chunk_end) load_x(k0 + kTileK);
     // W: RPAD rows (ranks ≥ r are zero) × 64 columns of K.
     if constexpr (kPrefetchW) {
 #pragma unroll

@@ -59,6 +59,38 @@ __global__ void __launch_bounds__(128) multi_lora_tile_shrink_kernel(const Multi
   const T* x = static_cast<const T*>(p.x);
   float* out = p.partial + blockIdx.y * p.tokens * p.rank;
 
+  // x: 16 rows × 8 vectors of 8 elements per chunk, four per lane; A[a]: RPAD rows × 64 columns, RPAD / 4 per
+  // lane. Both are prefetched one chunk ahead (A comes from L2 on every chunk; waited for inside the loop it
+  // halved the single-adapter shrink's bandwidth), and the first x chunk goes out before the tile's ids are read:
+  // every slot's pass starts with the same x chunk.
+  uint4 x_next[4];
+  auto load_x = [&](int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int v = lane + 32 * i, r = v / 8, c = (v % 8) * 8;
+      const int64_t col = k0 + c, row = row0 + r;
+      x_next[i] = (col < p.in && row < p.tokens) ? *reinterpret_cast<const uint4*>(x + row * p.x_stride + col)
+                                                 : make_uint4(0, 0, 0, 0);
+    }
+  };
+  // The A prefetch holds RPAD / 4 more 16-byte registers per lane: r ≤ 16 only (at RPAD = 32 and 64 it spills or
+  // halves the blocks per SM; those ranks load A inside the loop, as before).
+  constexpr bool kPrefetchW = RPAD <= 16;
+  constexpr int kWLoads = RPAD * 8 / 32;
+  uint4 w_next[kPrefetchW ? kWLoads : 1];
+  auto load_w = [&](const TW* w, int64_t k0) {
+    if constexpr (kPrefetchW) {
+#pragma unroll
+      for (int i = 0; i < kWLoads; ++i) {
+        const int v = lane + 32 * i, j = v / 8, c = (v % 8) * 8;
+        const int64_t col = k0 + c;
+        w_next[i] = make_uint4(0, 0, 0, 0);
+        if (j < p.rank && col < p.in) w_next[i] = load8_as<T>(w + j * p.in + col);
+      }
+    }
+  };
+  if (chunk_begin < chunk_end) load_x(chunk_begin * kTileK);
+
   if (threadIdx.x < kTileShrinkRows) {
     const int64_t row = row0 + threadIdx.x;
     row_slot[threadIdx.x] = row < p.tokens ? slot_of<IdT>(p.ids, row, p.adapters) : -1;
@@ -69,22 +101,17 @@ __global__ void __launch_bounds__(128) multi_lora_tile_shrink_kernel(const Multi
     if (row0 + r < p.tokens && row_slot[r] < 0) out[(row0 + r) * p.rank + j] = 0.f;
   }
 
+  bool x_loaded = true;  // the first slot's first x chunk is in flight already
   for (int a = next_slot(row_slot, kTileShrinkRows, -1); a != kNoSlot; a = next_slot(row_slot, kTileShrinkRows, a)) {
     const TW* w = static_cast<const TW*>(p.lora_A) + static_cast<int64_t>(a) * p.rank * p.in;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[RPAD / 16];
 #pragma unroll
     for (int f = 0; f < RPAD / 16; ++f) wmma::fill_fragment(acc[f], 0.f);
-    uint4 x_next[4];
-    auto load_x = [&](int64_t k0) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int v = lane + 32 * i, r = v / 8, c = (v % 8) * 8;
-        const int64_t col = k0 + c, row = row0 + r;
-        x_next[i] = (col < p.in && row < p.tokens) ? *reinterpret_cast<const uint4*>(x + row * p.x_stride + col)
-                                                   : make_uint4(0, 0, 0, 0);
-      }
-    };
-    if (chunk_begin < chunk_end) load_x(chunk_begin * kTileK);
+    if (chunk_begin < chunk_end) {
+      if (!x_loaded) load_x(chunk_begin * kTileK);
+      load_w(w, chunk_begin * kTileK);
+    }
+    x_loaded = false;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       const int64_t k0 = chunk * kTileK;
 #pragma unroll
@@ -92,14 +119,22 @@ __global__ void __launch_bounds__(128) multi_lora_tile_shrink_kernel(const Multi
         const int v = lane + 32 * i, r = v / 8, c = (v % 8) * 8;
         *reinterpret_cast<uint4*>(&x_tile[warp][r][c]) = x_next[i];
       }
-      if (chunk + 1 < chunk_end) load_x(k0 + kTileK);
 #pragma unroll
-      for (int i = 0; i < RPAD * 8 / 32; ++i) {
+      for (int i = 0; i < kWLoads; ++i) {
         const int v = lane + 32 * i, j = v / 8, c = (v % 8) * 8;
-        const int64_t col = k0 + c;
-        uint4 bits = make_uint4(0, 0, 0, 0);
-        if (j < p.rank && col < p.in) bits = load8_as<T>(w + j * p.in + col);
+        uint4 bits;
+        if constexpr (kPrefetchW) {
+          bits = w_next[i];
+        } else {
+          const int64_t col = k0 + c;
+          bits = make_uint4(0, 0, 0, 0);
+          if (j < p.rank && col < p.in) bits = load8_as<T>(w + j * p.in + col);
+        }
         *reinterpret_cast<uint4*>(&w_tile[warp][j][c]) = bits;
+      }
+      if (chunk + 1 < chunk_end) {
+        load_x(k0 + kTileK);
+        load_w(w, k0 + kTileK);
       }
       __syncwarp();
 #pragma unroll
@@ -151,15 +186,10 @@ __global__ void __launch_bounds__(128) multi_lora_tile_expand_kernel(const Multi
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTile, n0 = static_cast<int64_t>(blockIdx.y) * kTile;
   T* y = static_cast<T*>(p.y);
-  if (threadIdx.x < kTile) {
-    const int64_t row = m0 + threadIdx.x;
-    row_slot[threadIdx.x] = row < p.tokens ? slot_of<IdT>(p.ids, row, p.adapters) : -1;
-  }
-  __syncthreads();
-  int a = next_slot(row_slot, kTile, -1);
-  if (a == kNoSlot) return;  // a tile of base rows: y is final
 
-  // 1. This warp's 16 × 64 slice of y, loaded before anything else.
+  // 1. This warp's 16 × 64 slice of y, loaded before anything else, even before the tile's ids are known (a tile
+  //    of base rows then drops them): each global read that waits for the one before costs the block a round
+  //    trip, and the single-adapter expand has only this one.
   uint4 old[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -168,6 +198,31 @@ __global__ void __launch_bounds__(128) multi_lora_tile_expand_kernel(const Multi
     old[i] = make_uint4(0, 0, 0, 0);
     if (row < p.tokens && col < p.out) old[i] = *reinterpret_cast<const uint4*>(y + row * p.out + col);
   }
+  if (threadIdx.x < kTile) {
+    const int64_t row = m0 + threadIdx.x;
+    row_slot[threadIdx.x] = row < p.tokens ? slot_of<IdT>(p.ids, row, p.adapters) : -1;
+  }
+  __syncthreads();
+  int a = next_slot(row_slot, kTile, -1);
+  if (a == kNoSlot) return;  // a tile of base rows: y is final
+
+  // B[a]'s columns n0…n0+63, all RPAD ranks (ranks ≥ r are zero): loaded into registers, stored into b_tile
+  // once the previous slot's MMAs are done. The first slot's loads go out with xa's below.
+  const TW* lora_B = static_cast<const TW*>(p.lora_B);
+  constexpr int kBLoads = kTile * (RPAD / 8) / 128;
+  static_assert(kBLoads * 128 == kTile * (RPAD / 8), "whole B vectors per thread");
+  uint4 b_next[kBLoads];
+  auto load_b = [&](int slot) {
+#pragma unroll
+    for (int i = 0; i < kBLoads; ++i) {
+      const int v = threadIdx.x + 128 * i, n = v / (RPAD / 8), j = (v % (RPAD / 8)) * 8;
+      const int64_t col = n0 + n;
+      b_next[i] = make_uint4(0, 0, 0, 0);
+      if (col < p.out && j < p.rank)
+        b_next[i] = load8_as<T>(lora_B + (static_cast<int64_t>(slot) * p.out + col) * p.rank + j);
+    }
+  };
+  load_b(a);
 
   // 2. xa for the tile's 64 rows: the splits added in order (from 0.f, split 0 first: the same sums as one value
   //    at a time), rounded to the MMA type once. Four ranks per 16-byte load (r % 8 == 0 on this path, so a quad
@@ -204,15 +259,12 @@ __global__ void __launch_bounds__(128) multi_lora_tile_expand_kernel(const Multi
 #pragma unroll
     for (int q = 0; q < 8; ++q) delta[i][q] = 0.f;
   }
-  const TW* lora_B = static_cast<const TW*>(p.lora_B);
-  for (; a != kNoSlot; a = next_slot(row_slot, kTile, a)) {
-    // 3. B[a]'s columns n0…n0+63, all RPAD ranks (ranks ≥ r are zero).
-    for (int v = threadIdx.x; v < kTile * (RPAD / 8); v += 128) {
-      const int n = v / (RPAD / 8), j = (v % (RPAD / 8)) * 8;
-      const int64_t col = n0 + n;
-      uint4 bits = make_uint4(0, 0, 0, 0);
-      if (col < p.out && j < p.rank) bits = load8_as<T>(lora_B + (static_cast<int64_t>(a) * p.out + col) * p.rank + j);
-      *reinterpret_cast<uint4*>(&b_tile[n][j]) = bits;
+  for (;;) {
+    // 3. B[a] into shared memory.
+#pragma unroll
+    for (int i = 0; i < kBLoads; ++i) {
+      const int v = threadIdx.x + 128 * i, n = v / (RPAD / 8), j = (v % (RPAD / 8)) * 8;
+      *reinterpret_cast<uint4*>(&b_tile[n][j]) = b_next[i];
     }
     __syncthreads();
 
@@ -245,7 +297,11 @@ __global__ void __launch_bounds__(128) multi_lora_tile_expand_kernel(const Multi
 #pragma unroll
       for (int q = 0; q < 8; ++q) delta[i][q] = __fmul_rn(s, out_tile[warp][r][c + q]);
     }
+    const int next = next_slot(row_slot, kTile, a);
+    if (next != kNoSlot) load_b(next);  // in flight across the barrier
     __syncthreads();  // the next slot restages b_tile and out_tile
+    if (next == kNoSlot) break;
+    a = next;
   }
 
   // 6. y += s·Σ, rounded once, 16 bytes at a time; base rows are left as they are.

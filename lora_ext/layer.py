@@ -327,9 +327,10 @@ class LoRALinear(nn.Module):
                 return F.linear(x, weight, bias)
             stack = self._current_adapter_stack()
             return multi_lora_linear(x, weight, bias, stack.lora_A, stack.lora_B, stack.scalings, ids)
-        except (RuntimeError, ValueError, TypeError, IndexError):
-            self._check_input(x, weight, weight.dtype)  # raises the clearer error where it applies
-            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            operator_error = error
+        self._check_input(x, weight, weight.dtype)  # the layer's clearer error where one applies, unchained
+        raise operator_error
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward
@@ -372,9 +373,12 @@ class LoRALinear(nn.Module):
                 return self._forward(x, autocast_dtype)
         try:
             return self._forward(x, None)
-        except (RuntimeError, ValueError, TypeError, IndexError):
-            self._check_input(x, self.weight, self.weight.dtype)  # raises the clearer error where it applies
-            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            operator_error = error
+        # Outside the except block, so that the layer's error (where one applies) is not shown chained to the
+        # operator's.
+        self._check_input(x, self.weight, self.weight.dtype)
+        raise operator_error
 
     def _forward(self, x: torch.Tensor, autocast_dtype: Optional[torch.dtype]) -> torch.Tensor:
         weight, bias = _parameter(self, "weight"), _parameter(self, "bias")

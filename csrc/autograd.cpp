@@ -7,6 +7,7 @@
 //
 // Saved for backward: x, the frozen W, A, B, x·Aᵀ (tokens × r) and the 8-byte dropout seed. No dropped copy of
 // x and no mask: lora_backward regenerates the mask from the seed.
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -93,10 +94,18 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_autograd(const at::Tensor& x, co
                                                          double scaling, double dropout_p,
                                                          const c10::optional<at::Tensor>& dropout_seed) {
   // Inference (no_grad, or nothing that requires grad): no graph node to build, so skip Function::apply's
-  // context, saved variables and output wrapping — several µs of host time on a decoding-sized call.
+  // context, saved variables and output wrapping — several µs of host time on a decoding-sized call. Not with a
+  // forward-mode tangent on an input or inside a functorch transform (jvp, jacfwd): there Function::apply raises
+  // that forward-mode AD is not implemented, where the operator alone would silently drop the tangent.
+  const bool has_bias = bias.has_value() && bias->defined();
   const bool any_requires_grad = x.requires_grad() || weight.requires_grad() || lora_A.requires_grad() ||
-                                 lora_B.requires_grad() || (bias.has_value() && bias->defined() && bias->requires_grad());
-  if (!at::GradMode::is_enabled() || !any_requires_grad) {
+                                 lora_B.requires_grad() || (has_bias && bias->requires_grad());
+  const auto has_tangent = [](const at::Tensor& t) { return t._fw_grad(/*level=*/0).defined(); };
+  const bool any_tangent = has_tangent(x) || has_tangent(weight) || has_tangent(lora_A) || has_tangent(lora_B) ||
+                           (has_bias && has_tangent(*bias));
+  const bool in_functorch_transform =
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+  if (!any_tangent && !in_functorch_transform && (!at::GradMode::is_enabled() || !any_requires_grad)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return lora_forward_op().call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed);
   }

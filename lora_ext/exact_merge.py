@@ -323,6 +323,9 @@ def merge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     """weight += scaling·B·A in place, returning what unmerge_with_record needs to restore W bit for bit: the
     one-pass operator where W's device has it, else the chunked path. NonFiniteAdapterError (a ValueError) when
     the adapter holds NaN/Inf, ValueError when the merged weight would; W unchanged in both cases."""
+    if torch.is_grad_enabled():  # a direct call (LoRALinear.merge runs under no_grad already)
+        with torch.no_grad():
+            return merge_with_record(weight, lora_A, lora_B, scaling)
     _check_mergeable(weight)
     identity = _MergeIdentity(_weight_key(weight), float(scaling), (lora_A._version, lora_B._version))
     if _fused_available(weight):
@@ -339,6 +342,9 @@ def unmerge_with_record(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torc
                         record) -> None:
     """Undo merge_with_record, bit for bit, with the path that made the record and the adapter as it was merged
     (adapter_changed_while_merged(record) then says whether lora_A/lora_B differ from it)."""
+    if torch.is_grad_enabled():  # a direct call (LoRALinear.unmerge runs under no_grad already)
+        with torch.no_grad():
+            return unmerge_with_record(weight, lora_A, lora_B, scaling, record)
     if isinstance(record, FusedMergeRecord):
         _fused_unmerge(weight, lora_A, lora_B, scaling, record)
         return

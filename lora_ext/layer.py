@@ -20,6 +20,11 @@ from .multi_adapter import AdapterStack, multi_lora_linear
 _lora_forward_op = torch.ops.lora_ext.lora_forward.default  # bound once: the packet's lookup costs host time
 
 
+# What a call with a bad input raises from the operator (or from Python before it: x.dim() of a list), for the
+# layer to reword in its own terms.
+_CALL_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AttributeError)
+
+
 def _parameter(module: nn.Module, name: str):
     """module.<name> without nn.Module.__getattr__ for a registered parameter (or None); getattr otherwise (a
     parametrized or reassigned attribute)."""
@@ -327,10 +332,13 @@ class LoRALinear(nn.Module):
                 return F.linear(x, weight, bias)
             stack = self._current_adapter_stack()
             return multi_lora_linear(x, weight, bias, stack.lora_A, stack.lora_B, stack.scalings, ids)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        except _CALL_ERRORS as error:
             operator_error = error
-        self._check_input(x, weight, weight.dtype)  # the layer's clearer error where one applies, unchained
-        raise operator_error
+        try:  # as in forward(): the layer's clearer error where one applies, unchained, and no reference cycle
+            self._check_input(x, weight, weight.dtype)
+            raise operator_error
+        finally:
+            del operator_error
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward
@@ -371,14 +379,25 @@ class LoRALinear(nn.Module):
             if autocast_dtype is not None:
                 self._check_input(x, self.weight, x.dtype)
                 return self._forward(x, autocast_dtype)
+        if torch.compiler.is_compiling():  # in a compiled graph an operator's error can't be reworded afterwards
+            self._check_call(x)
         try:
             return self._forward(x, None)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        except _CALL_ERRORS as error:
             operator_error = error
-        # Outside the except block, so that the layer's error (where one applies) is not shown chained to the
-        # operator's.
+        try:  # outside the except block, so that the layer's error is not shown chained to the operator's
+            self._check_call(x)
+            raise operator_error
+        finally:
+            del operator_error  # its traceback holds this frame: no cycle keeping x (and its graph) alive
+
+    def _check_call(self, x) -> None:
+        """The layer's own errors for a call (input type, shape, device and dtype; a non-finite scaling), which
+        forward() leaves to the operator and rewords only when it fails."""
         self._check_input(x, self.weight, self.weight.dtype)
-        raise operator_error
+        adapter = self.adapters._modules.get(self.active_adapter) if self.adapters_enabled else None
+        if adapter is not None:
+            ops._check_scaling(adapter.scaling, "lora_linear")
 
     def _forward(self, x: torch.Tensor, autocast_dtype: Optional[torch.dtype]) -> torch.Tensor:
         weight, bias = _parameter(self, "weight"), _parameter(self, "bias")

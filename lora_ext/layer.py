@@ -411,11 +411,10 @@ class LoRALinear(nn.Module):
                     "call unmerge() before training (or layer.eval() for inference)"
                 )
             adapter = None  # the merged weight is the whole layer
-        if autocast_dtype is not None:
-            return self._autocast_forward(x, adapter, autocast_dtype, adapter.lora_dropout if self.training else 0.0) \
-                if adapter is not None else F.linear(x, weight, bias)
-        if adapter is None:
+        if adapter is None:  # the base layer alone (under autocast, F.linear casts for itself)
             return F.linear(x, weight, bias)
+        if autocast_dtype is not None:
+            return self._autocast_forward(x, adapter, autocast_dtype, adapter.lora_dropout if self.training else 0.0)
         lora_A, lora_B = _parameter(adapter, "lora_A"), _parameter(adapter, "lora_B")
         if self.training and adapter.lora_dropout > 0.0:
             return ops.lora_linear(x, weight, bias, lora_A, lora_B, adapter.scaling, adapter.lora_dropout)

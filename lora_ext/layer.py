@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .adapter import INITS, AdapterDict, LoRAAdapter, check_adapter_name, check_hyperparameters, resolve_adapter_dtype
+from .adapter import (INITS, AdapterDict, LoRAAdapter, check_adapter_name, check_hyperparameters,
+                      registered_parameter, resolve_adapter_dtype)
 from .exact_merge import (MergeRecord, NonFiniteAdapterError, adapter_changed_while_merged, merge_with_record,
                           record_matches, unmerge_with_record)
 from .multi_adapter import AdapterStack, multi_lora_linear
@@ -24,14 +25,6 @@ _lora_forward_op = torch.ops.lora_ext.lora_forward.default  # bound once: the pa
 # layer to reword in its own terms.
 _CALL_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AttributeError)
 
-
-def _parameter(module: nn.Module, name: str):
-    """module.<name> without nn.Module.__getattr__ for a registered parameter (or None); getattr otherwise (a
-    parametrized or reassigned attribute)."""
-    try:
-        return module._parameters[name]
-    except KeyError:
-        return getattr(module, name)
 
 
 class LoRALinear(nn.Module):
@@ -244,7 +237,8 @@ class LoRALinear(nn.Module):
             raise RuntimeError("LoRALinear.merge: adapters are disabled; enable_adapters() first")
         adapter = self._active()
         try:  # the merge checks the adapter for NaN/Inf itself (a flag of its kernel: no extra pass, no sync)
-            record = merge_with_record(_parameter(self, "weight"), adapter.lora_A, adapter.lora_B, adapter.scaling)
+            weight = registered_parameter(self, "weight")
+            record = merge_with_record(weight, adapter.lora_A, adapter.lora_B, adapter.scaling)
         except NonFiniteAdapterError as error:
             raise ValueError(
                 f"LoRALinear.merge: {error.tensor_name} holds NaN or Inf; the weight was left unchanged"
@@ -263,7 +257,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
         adapter = self.adapters[self._merged_adapter]
-        record, weight = self._merge_record, _parameter(self, "weight")
+        record, weight = self._merge_record, registered_parameter(self, "weight")
         if record is not None and record_matches(record, weight, adapter.lora_A, adapter.lora_B, adapter.scaling):
             unmerge_with_record(weight, adapter.lora_A, adapter.lora_B, adapter.scaling, record)
             if adapter_changed_while_merged(record):  # one flag read back, after the unmerge is queued
@@ -326,7 +320,7 @@ class LoRALinear(nn.Module):
                 self._autocast_dtype(x) is not None:
             raise RuntimeError("LoRALinear: mixed-adapter batches do not support torch.autocast yet; run the model "
                                "in its own dtype")
-        weight, bias = _parameter(self, "weight"), _parameter(self, "bias")
+        weight, bias = registered_parameter(self, "weight"), registered_parameter(self, "bias")
         try:
             if not self.adapters_enabled:
                 return F.linear(x, weight, bias)
@@ -400,7 +394,7 @@ class LoRALinear(nn.Module):
             ops._check_scaling(adapter.scaling, "lora_linear")
 
     def _forward(self, x: torch.Tensor, autocast_dtype: Optional[torch.dtype]) -> torch.Tensor:
-        weight, bias = _parameter(self, "weight"), _parameter(self, "bias")
+        weight, bias = registered_parameter(self, "weight"), registered_parameter(self, "bias")
         adapter = self._modules["adapters"]._modules.get(self.active_adapter) if self.adapters_enabled else None
         if self._merged_adapter is not None:
             if self.training and torch.is_grad_enabled() and adapter is not None and (
@@ -415,7 +409,7 @@ class LoRALinear(nn.Module):
             return F.linear(x, weight, bias)
         if autocast_dtype is not None:
             return self._autocast_forward(x, adapter, autocast_dtype, adapter.lora_dropout if self.training else 0.0)
-        lora_A, lora_B = _parameter(adapter, "lora_A"), _parameter(adapter, "lora_B")
+        lora_A, lora_B = registered_parameter(adapter, "lora_A"), registered_parameter(adapter, "lora_B")
         if self.training and adapter.lora_dropout > 0.0:
             return ops.lora_linear(x, weight, bias, lora_A, lora_B, adapter.scaling, adapter.lora_dropout)
         if x.dim() == 2:  # the operator checks its inputs itself (lora_ext.ops.lora_linear's checks, in C++)

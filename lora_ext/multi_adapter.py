@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .adapter import registered_parameter
+
 __all__ = ["multi_lora_linear", "AdapterStack", "mixed_adapters", "adapter_slot_ids"]
 
 _OP = "lora_ext::multi_lora_forward"
@@ -171,9 +173,8 @@ def multi_lora_linear(
 def _adapter_record(adapter) -> tuple:
     """What identifies an adapter's current values: its parameters' identity, storage and in-place version
     counters (tensor._version, bumped by every in-place edit), rank, scaling and dtype."""
-    parameters = adapter._parameters  # not nn.Module.__getattr__: this runs per named adapter per batch
-    a = parameters["lora_A"] if "lora_A" in parameters else adapter.lora_A
-    b = parameters["lora_B"] if "lora_B" in parameters else adapter.lora_B
+    # Runs per named adapter per batch: reads past nn.Module.__getattr__.
+    a, b = registered_parameter(adapter, "lora_A"), registered_parameter(adapter, "lora_B")
     return (id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version, adapter.r, adapter.scaling, a.dtype)
 
 

@@ -261,7 +261,9 @@ inline bool decode_supported(const at::Tensor& x, const at::Tensor& lora_A, cons
 // The cluster launch of one instantiation of lora_decode_cluster_kernel, or false where it cannot run: a device
 // before sm_90; a build whose code for this kernel is PTX of an older architecture, JIT-compiled here (its body
 // is then the empty pre-sm_90 one: a silent no-op, found in review); a GPU that accepts no 8-block cluster
-// (e.g. a partitioned one). Decided once per device and instantiation.
+// (e.g. a partitioned one). Decided once per device, by the first instantiation launched there: `decided` is
+// static per Kernel type, and every instantiation has the same type (void(*)(DecodeParams)). They differ only in
+// registers and shared memory, far below what limits an 8-block cluster, so the first one's answer holds for all.
 template <typename Kernel>
 bool cluster_decode_usable(Kernel kernel, const cudaLaunchConfig_t& config) {
   constexpr int kMaxDevices = 64;

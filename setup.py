@@ -1,7 +1,8 @@
 """Build lora_ext._C: CUDA kernels when torch has CUDA and nvcc is found, a CPU-only extension otherwise.
 
 Install with `pip install --no-build-isolation .` (pip's build isolation would hide the installed torch).
-Environment: TORCH_CUDA_ARCH_LIST (default: the visible GPUs' architectures plus 9.0), MAX_JOBS (parallel
+Environment: TORCH_CUDA_ARCH_LIST (default: the visible GPUs' architectures plus 9.0; 9.0 is built as 9.0a, which
+adds Hopper's own instructions for the fused forward GEMM and runs on the same GPUs), MAX_JOBS (parallel
 compile jobs), CUDA_HOME (the toolkit; found from nvcc when unset), LORA_EXT_FORCE_CPU=1 (skip CUDA).
 """
 import glob
@@ -80,6 +81,21 @@ def default_arch_list(torch):
     return ";".join(sorted(archs))
 
 
+def with_hopper_features(arch_list):
+    """TORCH_CUDA_ARCH_LIST with 9.0 built as 9.0a: the same GPUs (H100, H200), plus wgmma and setmaxnreg, which the
+    fused forward GEMM (csrc/cuda/lora_gemm_sm90.cu) needs. 9.0+PTX keeps its portable PTX and gains 9.0a."""
+    entries = [entry for entry in arch_list.replace(",", ";").replace(" ", ";").split(";") if entry]
+    result = []
+    for entry in entries:
+        if entry == "9.0":
+            result.append("9.0a")
+        elif entry == "9.0+PTX":
+            result += ["9.0a", "9.0+PTX"]
+        else:
+            result.append(entry)
+    return ";".join(dict.fromkeys(result))
+
+
 def make_extension():
     import torch
 
@@ -87,6 +103,7 @@ def make_extension():
     if reason is None:
         os.environ["CUDA_HOME"] = find_cuda_home()
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list(torch))
+        os.environ["TORCH_CUDA_ARCH_LIST"] = with_hopper_features(os.environ["TORCH_CUDA_ARCH_LIST"])
     from torch.utils import cpp_extension
 
     sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -102,6 +119,10 @@ def make_extension():
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-Wall,-Wextra"]
     nvcc_flags += [arg for path in torch_includes for arg in ("-isystem", path)]
+    if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"].split(";"):
+        # The host side may launch the sm_90a kernels (lora_ext.built_with_sm90a() reports it).
+        nvcc_flags.append("-DLORA_EXT_HAS_SM90A")
+        cxx_flags.append("-DLORA_EXT_HAS_SM90A")
     extension = cpp_extension.CUDAExtension(
         "lora_ext._C",
         sources,

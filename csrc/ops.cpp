@@ -48,4 +48,14 @@ TORCH_LIBRARY(lora_ext, m) {
 // Importing lora_ext._C loads this library, which runs the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "lora_ext operators; use them through torch.ops.lora_ext or the lora_ext package";
+  module.def(
+      "built_with_sm90a",
+      [] {
+#if defined(LORA_EXT_HAS_SM90A)
+        return true;
+#else
+        return false;
+#endif
+      },
+      "Whether this build carries the Hopper (sm_90a) kernels: the fused forward GEMM on H100/H200.");
 }

@@ -16,10 +16,10 @@ from .models import (
     unmerge,
 )
 from .multi_adapter import AdapterStack, adapter_slot_ids, mixed_adapters
-from .ops import cuda_kernels_available
+from .ops import built_with_sm90a, cuda_kernels_available
 
 __all__ = [
-    "LoRALinear", "ops", "cuda_kernels_available",
+    "LoRALinear", "ops", "cuda_kernels_available", "built_with_sm90a",
     "inject", "lora_layers", "count_parameters", "print_trainable_parameters", "merge", "unmerge",
     "merge_and_unload", "set_adapter", "delete_adapter", "disable_adapters", "enable_adapters",
     "save_adapter", "load_adapter", "AdapterLoadError",

@@ -9,7 +9,7 @@ import lora_ext
 
 from ._loader import load_extension
 
-load_extension(lora_ext)  # registers torch.ops.lora_ext.*
+_extension = load_extension(lora_ext)  # registers torch.ops.lora_ext.*
 
 __all__ = [
     "lora_linear",
@@ -19,6 +19,7 @@ __all__ = [
     "merge_",
     "unmerge_",
     "cuda_kernels_available",
+    "built_with_sm90a",
     "multi_lora_linear",
 ]
 
@@ -26,6 +27,12 @@ __all__ = [
 def cuda_kernels_available() -> bool:
     """Whether this build of lora_ext has its CUDA kernels (False for a CPU-only build)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("lora_ext::lora_forward", "CUDA")
+
+
+def built_with_sm90a() -> bool:
+    """Whether this build carries the Hopper (sm_90a) kernels: on an H100 or H200 the forward then runs as one GEMM
+    with the LoRA update folded in (csrc/cuda/lora_gemm_sm90.cu); other GPUs use cuBLAS and our expand kernel."""
+    return bool(_extension.built_with_sm90a())
 
 
 def new_dropout_seed(device) -> torch.Tensor:

@@ -9,6 +9,7 @@
 
 #include "../checks.h"
 #include "lora_decode.cuh"
+#include "lora_gemm_sm90.h"
 #include "lora_steps.cuh"
 #include "nvtx_range.h"
 
@@ -27,10 +28,23 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
   const c10::cuda::CUDAGuard device_guard(x.device());
   const NvtxRange range(op);
 
-  at::Tensor y = at::linear(x, weight, bias);
   at::Tensor lora_activation = at::empty({dims.tokens, dims.rank}, x.options().dtype(at::kFloat));
-  if (dims.tokens == 0) return {y, lora_activation};
   const int64_t* seed = dropout_p > 0.0 ? dropout_seed->data_ptr<int64_t>() : nullptr;
+  if (fused_lora_gemm_usable(x, weight, bias, dims.rank)) {
+    // Hopper: xa by our shrink, then one GEMM over in + r for y = x·Wᵀ + b + (s·xa)·Bᵀ (lora_gemm_sm90.h).
+    dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
+      using act_t = decltype(act_tag);
+      using adapter_t = decltype(adapter_tag);
+      shrink<act_t, adapter_t>(lora_activation, x, lora_A, dropout_keep_scale(dropout_p), seed,
+                               dropout_threshold(dropout_p));
+    });
+    const at::Tensor scaled_activation = lora_gemm_operand(lora_activation, x.scalar_type(), scaling);
+    const at::Tensor y = fused_lora_gemm(x, weight, bias, scaled_activation, lora_gemm_operand(lora_B, x.scalar_type()));
+    return {y, lora_activation};
+  }
+
+  at::Tensor y = at::linear(x, weight, bias);
+  if (dims.tokens == 0) return {y, lora_activation};
 
   dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using act_t = decltype(act_tag);

@@ -1,0 +1,90 @@
+"""The Hopper fused forward GEMM against the path it replaces, side by side in one process (GPU only):
+
+    python benchmarks/fused_gemm_ab.py [--shapes 8192x4096x4096x16,...]
+
+Per shape (tokens × in × out × r, bf16, with bias): the frozen base layer (F.linear), lora_ext's forward with the
+fused GEMM and without it (LORA_EXT_FUSED_GEMM=0: cuBLAS, then our expand kernel), PEFT's lora.Linear when
+importable, each as a ratio to the base; medians of triton's do_bench after warm-up; random data. Then
+torch.profiler's GPU time per kernel for both lora_ext paths. A diagnostic for docs/perf-notes.md; bench_lora.py
+is the benchmark of record.
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench
+
+import lora_ext
+
+DEFAULT_SHAPES = "8192x4096x4096x16,8192x4096x4096x64,8192x4096x11008x16,4096x4096x4096x16,2048x4096x4096x16,1024x4096x4096x16"
+
+
+def with_fused(enabled, function):
+    def call():
+        os.environ["LORA_EXT_FUSED_GEMM"] = "1" if enabled else "0"
+        return function()
+    return call
+
+
+def kernel_times(function, iters=20):
+    for _ in range(3):
+        function()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            function()
+        torch.cuda.synchronize()
+    totals = {}
+    for event in prof.key_averages():
+        if event.device_time_total > 0:
+            totals[event.key[:70]] = event.device_time_total / iters
+    return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES)
+    args = parser.parse_args()
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, sm_90a build: "
+          f"{lora_ext.built_with_sm90a()}")
+    try:
+        from peft.tuners.lora import Linear as PeftLinear
+    except ImportError:
+        PeftLinear = None
+    for spec in args.shapes.split(","):
+        tokens, width_in, width_out, rank = (int(v) for v in spec.split("x"))
+        dt = torch.bfloat16
+        base = torch.nn.Linear(width_in, width_out, device="cuda", dtype=dt).requires_grad_(False)
+        layer = lora_ext.LoRALinear.from_linear(base, r=rank, alpha=2 * rank)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.02)
+        x = torch.randn(tokens, width_in, device="cuda", dtype=dt)
+        rows = {}
+        with torch.no_grad():
+            rows["base"] = do_bench(lambda: F.linear(x, base.weight, base.bias), return_mode="median")
+            rows["fused"] = do_bench(with_fused(True, lambda: layer(x)), return_mode="median")
+            rows["unfused"] = do_bench(with_fused(False, lambda: layer(x)), return_mode="median")
+            if PeftLinear is not None:
+                peft = PeftLinear(torch.nn.Linear(width_in, width_out, device="cuda", dtype=dt).requires_grad_(False),
+                                  "default", r=rank, lora_alpha=2 * rank)
+                peft.to(device="cuda", dtype=dt)
+                rows["peft"] = do_bench(lambda: peft(x), return_mode="median")
+            os.environ["LORA_EXT_FUSED_GEMM"] = "1"
+            y_fused = layer(x)
+            os.environ["LORA_EXT_FUSED_GEMM"] = "0"
+            y_unfused = layer(x)
+            os.environ["LORA_EXT_FUSED_GEMM"] = "1"
+        diff = ((y_fused.float() - y_unfused.float()).norm() / y_unfused.float().norm()).item()
+        ratios = "  ".join(f"{k} {v / rows['base']:.3f}x" for k, v in rows.items() if k != "base")
+        print(f"{spec}: base {rows['base'] * 1e3:.1f} us  {ratios}  (fused vs unfused rel diff {diff:.1e})")
+        for label, enabled in (("fused", True), ("unfused", False)):
+            with torch.no_grad():
+                times = kernel_times(with_fused(enabled, lambda: layer(x)))
+            print(f"    {label}: " + "; ".join(f"{name} {t:.1f}" for name, t in times[:5]))
+    os.environ.pop("LORA_EXT_FUSED_GEMM", None)
+
+
+if __name__ == "__main__":
+    main()

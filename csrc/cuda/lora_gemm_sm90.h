@@ -1,0 +1,33 @@
+// The forward GEMM with the LoRA expand folded in, for Hopper GPUs (lora_gemm_sm90.cu):
+//
+//   y = x·Wᵀ + b + xs·Bᵀ      x (tokens × in), W (out × in), xs = s·dropout(x)·Aᵀ (tokens × r), B (out × r)
+//
+// as one GEMM whose K runs over in + r: the rank-r term becomes extra K steps of the base product, so y is
+// written once, already updated, instead of being written by cuBLAS and then read and written again by the
+// expand kernel (128 MB at 8192 × 4096 bf16).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace lora_ext {
+namespace cuda {
+
+// True when this build carries the sm_90a kernel, x's GPU is compute capability 9.0, the operands suit the copy
+// engine (16-bit x, W, xs and B of one dtype, rows 16-byte aligned, unit column stride) and the product is big
+// enough for it to beat cuBLAS plus the expand (measured: docs/perf-notes.md). LORA_EXT_FUSED_GEMM=0 turns it off.
+bool fused_lora_gemm_usable(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                            int64_t rank);
+
+// y (tokens × out, x's dtype, new) = x·Wᵀ + b + xs·Bᵀ, float32 accumulation, one rounding. xs and lora_B are in
+// x's dtype with rows 16-byte aligned (lora_gemm_operand pads them).
+at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           const at::Tensor& xs, const at::Tensor& lora_B);
+
+// A (rows × r) operand as the copy engine needs it: in `dtype`, unit column stride, the row pitch a multiple of
+// 8 elements (16 bytes), from a 16-byte-aligned address. Returns `t` itself when it already is; else a copy whose
+// padding columns are zero (they are never read: the kernel's tensor map stops at r).
+at::Tensor lora_gemm_operand(const at::Tensor& t, at::ScalarType dtype, double scale = 1.0);
+
+}  // namespace cuda
+}  // namespace lora_ext

@@ -1,0 +1,118 @@
+"""The Hopper forward GEMM with the LoRA expand folded in (csrc/cuda/lora_gemm_sm90.cu): y = x·Wᵀ + b + (s·xa)·Bᵀ
+as one GEMM over in + r. It serves 16-bit x from 1024 tokens up on compute capability 9.0 when the build carries
+sm_90a; these shapes sit on its tile edges (tokens % 128, in % 64, out % 256, r across the 64-wide K blocks). Each is
+checked against the float64 reference twice: the general tolerance (test_ops' forward and backward checks) and a
+bound from its rounding, since the GEMM rounds y once: ‖y − ref‖/‖ref‖ ≤ 2u (u = 2⁻⁸ for bfloat16, 2⁻¹¹ for float16:
+one rounding of y, and at most one of the rank-r term through s·xa in x's dtype). Then against the cuBLAS + expand
+path (LORA_EXT_FUSED_GEMM=0), which must agree within the same bound."""
+
+import os
+
+import pytest
+import torch
+
+import lora_ext
+from conftest import lora_reference, make_params, make_x, relative_error, requires_cuda
+from test_ops import SCALING, _check_backward
+
+pytestmark = requires_cuda
+
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def fused_gemm_serves(device):
+    """True where this build and GPU take the fused path (a Hopper GPU and an sm_90a build)."""
+    return torch.cuda.get_device_capability(device) == (9, 0) and lora_ext.built_with_sm90a()
+
+
+# (tokens, in_features, out_features, rank)
+FUSED_SHAPES = [
+    pytest.param((1024, 512, 512, 16), id="aligned"),
+    pytest.param((1031, 520, 264, 8), id="edges-everywhere"),
+    pytest.param((1100, 256, 136, 24), id="r24-out136"),
+    pytest.param((1024, 128, 512, 64), id="r64-one-block"),
+    pytest.param((1153, 192, 256, 72), id="r72-two-blocks"),
+    pytest.param((1280, 64, 8, 128), id="out8-r128"),
+    pytest.param((2053, 1024, 1000, 12), id="r12-padded"),
+]
+
+DTYPES = [
+    pytest.param(torch.bfloat16, torch.bfloat16, id="bf16"),
+    pytest.param(torch.bfloat16, torch.float32, id="bf16-adapters_f32"),
+    pytest.param(torch.float16, torch.float16, id="f16"),
+]
+
+
+def _forward(x, weight, bias, lora_A, lora_B, dropout_p, fused):
+    seed = torch.tensor([1234], dtype=torch.int64, device=x.device) if dropout_p > 0 else None
+    previous = os.environ.get("LORA_EXT_FUSED_GEMM")
+    os.environ["LORA_EXT_FUSED_GEMM"] = "1" if fused else "0"
+    try:
+        y, xa = torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, dropout_p, seed)
+    finally:
+        if previous is None:
+            del os.environ["LORA_EXT_FUSED_GEMM"]
+        else:
+            os.environ["LORA_EXT_FUSED_GEMM"] = previous
+    keep = None if seed is None else torch.ops.lora_ext.dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p)
+    return y, xa, keep
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
+def test_fused_forward_within_one_rounding(dtype, adapter_dtype, shape, bias, dropout_p):
+    tokens, in_features, out_features, rank = shape
+    x = make_x(tokens, in_features, dtype, "cuda")
+    weight, bias_t, lora_A, lora_B = make_params(in_features, out_features, rank, dtype, adapter_dtype, "cuda", bias)
+    y, xa, keep = _forward(x, weight, bias_t, lora_A, lora_B, dropout_p, fused=True)
+    ref = lora_reference(x, weight, bias_t, lora_A, lora_B, SCALING, dropout_p, keep)
+    # float32 adapters are rounded to x's dtype on the way in (A by the shrink, B for the GEMM): two roundings more.
+    bound = (2 if adapter_dtype == dtype else 4) * UNIT_ROUNDOFF[dtype]
+    assert torch.isfinite(y).all()
+    assert relative_error(y, ref["y"]) <= bound
+    if adapter_dtype == dtype:  # float32 sums of exact products; float32 adapters are rounded to x's dtype first
+        assert relative_error(xa, ref["xa"]) <= 1e-5
+
+    y_unfused, xa_unfused, _ = _forward(x, weight, bias_t, lora_A, lora_B, dropout_p, fused=False)
+    assert torch.equal(xa, xa_unfused)  # the same shrink kernel feeds both
+    assert relative_error(y, y_unfused) <= bound
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("shape", FUSED_SHAPES[:3])
+@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
+def test_fused_forward_then_backward(dtype, adapter_dtype, shape, dropout_p):
+    tokens, in_features, out_features, rank = shape
+    x = make_x(tokens, in_features, dtype, "cuda")
+    _check_backward(x, *make_params(in_features, out_features, rank, dtype, adapter_dtype, "cuda"), dropout_p)
+
+
+def test_fused_path_is_taken_on_hopper():
+    """On an H100/H200 with an sm_90a build the profiler sees our GEMM and no cuBLAS GEMM in the forward."""
+    if not fused_gemm_serves(torch.cuda.current_device()):
+        pytest.skip("the fused GEMM needs compute capability 9.0 and an sm_90a build")
+    x = make_x(2048, 512, torch.bfloat16, "cuda")
+    params = make_params(512, 512, 16, torch.bfloat16, torch.bfloat16, "cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        torch.ops.lora_ext.lora_forward(x, *params, SCALING, 0.0, None)
+        torch.cuda.synchronize()
+    kernels = [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("lora_gemm_sm90_kernel" in name for name in kernels), kernels
+    assert not any("gemm" in name.lower() and "lora" not in name.lower() for name in kernels), kernels
+
+
+@pytest.mark.parametrize(
+    "case", ["x-in-not-multiple-of-8", "x-transposed", "float32"], ids=lambda c: c
+)
+def test_unsuited_operands_take_the_general_path(case):
+    """Operands the copy engine cannot read (rows not 16-byte aligned, a column stride) or float32 go to cuBLAS and
+    the expand kernel, with the same answer."""
+    in_features = 516 if case == "x-in-not-multiple-of-8" else 512
+    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    x = make_x(1024, in_features, dtype, "cuda", layout="transposed" if case == "x-transposed" else "contiguous")
+    params = make_params(in_features, 256, 16, dtype, dtype, "cuda")
+    y, _, _ = _forward(x, *params, 0.0, fused=True)
+    ref = lora_reference(x, *params, SCALING)
+    assert relative_error(y, ref["y"]) <= (1e-5 if dtype == torch.float32 else 2 * UNIT_ROUNDOFF[dtype])

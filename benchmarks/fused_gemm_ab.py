@@ -3,13 +3,15 @@
     python benchmarks/fused_gemm_ab.py [--shapes 8192x4096x4096x16,...]
 
 Per shape (tokens × in × out × r, bf16, with bias): the frozen base layer (F.linear), lora_ext's forward with the
-fused GEMM and without it (LORA_EXT_FUSED_GEMM=0: cuBLAS, then our expand kernel), PEFT's lora.Linear when
+fused GEMM (LORA_EXT_FUSED_GEMM=force, below its size cutoff too) and without it (=0: cuBLAS, then our expand
+kernel), PEFT's lora.Linear when
 importable, each as a ratio to the base; medians of triton's do_bench after warm-up; random data. Then
 torch.profiler's GPU time per kernel for both lora_ext paths. A diagnostic for docs/perf-notes.md; bench_lora.py
 is the benchmark of record.
 """
 import argparse
 import os
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ DEFAULT_SHAPES = "8192x4096x4096x16,8192x4096x4096x64,8192x4096x11008x16,4096x40
 
 def with_fused(enabled, function):
     def call():
-        os.environ["LORA_EXT_FUSED_GEMM"] = "1" if enabled else "0"
+        os.environ["LORA_EXT_FUSED_GEMM"] = "force" if enabled else "0"  # force: below its size cutoff too
         return function()
     return call
 
@@ -46,6 +48,7 @@ def kernel_times(function, iters=20):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default=DEFAULT_SHAPES)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, sm_90a build: "
           f"{lora_ext.built_with_sm90a()}")
@@ -61,21 +64,29 @@ def main():
         with torch.no_grad():
             layer.lora_B.normal_(0, 0.02)
         x = torch.randn(tokens, width_in, device="cuda", dtype=dt)
-        rows = {}
+        calls = {
+            "base": lambda: F.linear(x, base.weight, base.bias),
+            "fused": with_fused(True, lambda: layer(x)),
+            "unfused": with_fused(False, lambda: layer(x)),
+        }
+        if PeftLinear is not None:
+            peft = PeftLinear(torch.nn.Linear(width_in, width_out, device="cuda", dtype=dt).requires_grad_(False),
+                              "default", r=rank, lora_alpha=2 * rank)
+            peft.to(device="cuda", dtype=dt)
+            calls["peft"] = lambda: peft(x)
+        # Rounds of every variant in turn, median per variant: the GPU's clock drifts as it warms up, and
+        # back-to-back blocks of one variant would carry that drift into the ratios.
+        samples = {name: [] for name in calls}
         with torch.no_grad():
-            rows["base"] = do_bench(lambda: F.linear(x, base.weight, base.bias), return_mode="median")
-            rows["fused"] = do_bench(with_fused(True, lambda: layer(x)), return_mode="median")
-            rows["unfused"] = do_bench(with_fused(False, lambda: layer(x)), return_mode="median")
-            if PeftLinear is not None:
-                peft = PeftLinear(torch.nn.Linear(width_in, width_out, device="cuda", dtype=dt).requires_grad_(False),
-                                  "default", r=rank, lora_alpha=2 * rank)
-                peft.to(device="cuda", dtype=dt)
-                rows["peft"] = do_bench(lambda: peft(x), return_mode="median")
-            os.environ["LORA_EXT_FUSED_GEMM"] = "1"
+            for _ in range(args.rounds):
+                for name, call in calls.items():
+                    samples[name].append(do_bench(call, return_mode="median"))
+        rows = {name: statistics.median(values) for name, values in samples.items()}
+        with torch.no_grad():
+            os.environ["LORA_EXT_FUSED_GEMM"] = "force"
             y_fused = layer(x)
             os.environ["LORA_EXT_FUSED_GEMM"] = "0"
             y_unfused = layer(x)
-            os.environ["LORA_EXT_FUSED_GEMM"] = "1"
         diff = ((y_fused.float() - y_unfused.float()).norm() / y_unfused.float().norm()).item()
         ratios = "  ".join(f"{k} {v / rows['base']:.3f}x" for k, v in rows.items() if k != "base")
         print(f"{spec}: base {rows['base'] * 1e3:.1f} us  {ratios}  (fused vs unfused rel diff {diff:.1e})")

@@ -1,6 +1,7 @@
 """The Hopper forward GEMM with the LoRA expand folded in (csrc/cuda/lora_gemm_sm90.cu): y = x·Wᵀ + b + (s·xa)·Bᵀ
-as one GEMM over in + r. It serves 16-bit x from 1024 tokens up on compute capability 9.0 when the build carries
-sm_90a; these shapes sit on its tile edges (tokens % 128, in % 64, out % 256, r across the 64-wide K blocks). Each is
+as one GEMM over in + r. It serves 16-bit x on compute capability 9.0 when the build carries sm_90a, from 2^24
+outputs up (LORA_EXT_FUSED_GEMM=force lifts that cutoff, as here; =0 turns it off). These shapes sit on its tile
+edges (tokens % 128, in % 64, out % 256, r across the 64-wide K blocks). Each is
 checked against the float64 reference twice: the general tolerance (test_ops' forward and backward checks) and a
 bound from its rounding, since the GEMM rounds y once: ‖y − ref‖/‖ref‖ ≤ 2u (u = 2⁻⁸ for bfloat16, 2⁻¹¹ for float16:
 one rounding of y, and at most one of the rank-r term through s·xa in x's dtype). Then against the cuBLAS + expand
@@ -46,7 +47,7 @@ DTYPES = [
 def _forward(x, weight, bias, lora_A, lora_B, dropout_p, fused):
     seed = torch.tensor([1234], dtype=torch.int64, device=x.device) if dropout_p > 0 else None
     previous = os.environ.get("LORA_EXT_FUSED_GEMM")
-    os.environ["LORA_EXT_FUSED_GEMM"] = "1" if fused else "0"
+    os.environ["LORA_EXT_FUSED_GEMM"] = "force" if fused else "0"  # force: these shapes are below its size cutoff
     try:
         y, xa = torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, dropout_p, seed)
     finally:
@@ -83,24 +84,36 @@ def test_fused_forward_within_one_rounding(dtype, adapter_dtype, shape, bias, dr
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("shape", FUSED_SHAPES[:3])
 @pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
-def test_fused_forward_then_backward(dtype, adapter_dtype, shape, dropout_p):
+def test_fused_forward_then_backward(monkeypatch, dtype, adapter_dtype, shape, dropout_p):
+    monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force")
     tokens, in_features, out_features, rank = shape
     x = make_x(tokens, in_features, dtype, "cuda")
     _check_backward(x, *make_params(in_features, out_features, rank, dtype, adapter_dtype, "cuda"), dropout_p)
 
 
-def test_fused_path_is_taken_on_hopper():
-    """On an H100/H200 with an sm_90a build the profiler sees our GEMM and no cuBLAS GEMM in the forward."""
+@pytest.mark.parametrize(
+    "setting,tokens,out_features,fused",
+    [("force", 2048, 512, True), (None, 4096, 4096, True), (None, 1024, 512, False), ("0", 4096, 4096, False)],
+    ids=["forced-small", "auto-large", "auto-small", "off-large"],
+)
+def test_which_path_serves(monkeypatch, setting, tokens, out_features, fused):
+    """On an H100/H200 with an sm_90a build, the profiler sees our GEMM and no cuBLAS GEMM where the fused path
+    serves (from 2^24 outputs, or forced), and cuBLAS where it does not."""
     if not fused_gemm_serves(torch.cuda.current_device()):
         pytest.skip("the fused GEMM needs compute capability 9.0 and an sm_90a build")
-    x = make_x(2048, 512, torch.bfloat16, "cuda")
-    params = make_params(512, 512, 16, torch.bfloat16, torch.bfloat16, "cuda")
+    if setting is None:
+        monkeypatch.delenv("LORA_EXT_FUSED_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("LORA_EXT_FUSED_GEMM", setting)
+    x = make_x(tokens, 256, torch.bfloat16, "cuda")
+    params = make_params(256, out_features, 16, torch.bfloat16, torch.bfloat16, "cuda")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         torch.ops.lora_ext.lora_forward(x, *params, SCALING, 0.0, None)
         torch.cuda.synchronize()
     kernels = [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
-    assert any("lora_gemm_sm90_kernel" in name for name in kernels), kernels
-    assert not any("gemm" in name.lower() and "lora" not in name.lower() for name in kernels), kernels
+    ours = any("lora_gemm_sm90_kernel" in name for name in kernels)
+    cublas = any(("gemm" in name.lower() or "nvjet" in name.lower()) and "lora" not in name.lower() for name in kernels)
+    assert (ours, cublas) == (fused, not fused), kernels
 
 
 @pytest.mark.parametrize(

@@ -2,14 +2,18 @@
 // warp-specialised Hopper GEMM, kept small:
 //
 // - Tiles of 128 (tokens) × 256 (out), 64 along K per pipeline stage, 4 stages (192 KB of shared memory).
-// - One producer warpgroup: a single thread issues the bulk tensor copies (TMA) of x's and W's tiles into the
-//   stages, 128-byte swizzled, each stage completing on its `full` mbarrier.
+// - Clusters of two blocks on vertically adjacent tiles (same 256 columns of W): each block copies its own x tile
+//   and half of the W tile, and the copy engine multicasts that half into both blocks. L2 then serves 32 KB per
+//   block and stage instead of 48 KB: without it the GEMM is bound by L2 bandwidth (8 TB/s at cuBLAS's speed).
+// - One producer warpgroup: a single thread issues the bulk tensor copies (TMA), 128-byte swizzled, each stage
+//   completing on its `full` mbarrier once all 48 KB have landed.
 // - Two consumer warpgroups, 64 rows each: per stage four wgmma.m64n256k16 into 128 float32 registers per thread,
-//   then free the stage (its `empty` mbarrier) once those MMAs have read it.
+//   then free the stage in both blocks of the cluster (`empty` counts 4 arrivals: a block's producer refills a
+//   stage of its peer too).
 // - The rank-r term is ⌈r/64⌉ more K blocks of the same loop, copied from xs and B instead of x and W; the copy
 //   engine fills the columns past r with zeros, so they add nothing.
-// - Persistent: one block per SM walks the tiles (in groups of 16 row tiles, so the tiles in flight share x's and
-//   W's rows in L2); the producer runs ahead into the next tile while the consumers store this one.
+// - Persistent: one cluster per SM pair walks the tiles (in groups of 16 row tiles, so the tiles in flight share
+//   x's and W's rows in L2); the producer runs ahead into the next tile while the consumers store this one.
 // - Epilogue: + bias in float32, one rounding to x's dtype, stored straight from the accumulator registers.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -34,59 +38,102 @@ constexpr int kThreads = 384;  // warpgroup 0 produces, 1 and 2 consume
 constexpr int kTileXBytes = kTileM * kTileK * 2;  // 16 KB
 constexpr int kTileWBytes = kTileN * kTileK * 2;  // 32 KB
 constexpr int kStageBytes = kTileXBytes + kTileWBytes;
-constexpr int kSharedBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
+// Epilogue staging, per consumer warpgroup: 64 rows × 128 columns (half its tile at a time), as two 64 × 64 boxes
+// of the output's tensor map, 128-byte swizzled.
+constexpr int kOutRoundColumns = 128;
+constexpr int kOutStagingBytes = 64 * kOutRoundColumns * 2;  // 16 KB
+constexpr int kSharedBytes =
+    kStages * kStageBytes + 2 * kOutStagingBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
+static_assert(kSharedBytes <= 227 * 1024, "more shared memory than an H100 block may have");
 #if defined(LORA_EXT_HAS_SM90A)
-// Below this many tokens cuBLAS plus the expand kernel stays (the persistent grid has too few tiles to fill the
-// GPU and cuBLAS's small-M kernels win); measured on an H100, docs/perf-notes.md v8.
+// Where the fused GEMM beats cuBLAS + the expand kernel (H100, docs/perf-notes.md v8): from 2^24 outputs (512 tiles,
+// about four waves of the persistent grid) up. At 2048 × 4096 it was 2% slower; at 8192 × 4096 and 8192 × 11008
+// 3-4% faster.
 constexpr int64_t kMinTokens = 1024;
+constexpr int64_t kMinOutputs = int64_t{1} << 24;
 #endif
 
 struct GemmShape {
-  int64_t tokens, out;      // M, N
-  int base_k_blocks;        // ⌈in / 64⌉
-  int lora_k_blocks;        // ⌈r / 64⌉
-  int row_tiles, column_tiles;
+  int64_t tokens, out;  // M, N
+  int base_k_blocks;    // ⌈in / 64⌉
+  int lora_k_blocks;    // ⌈r / 64⌉
+  int row_pairs;        // ⌈⌈tokens / 128⌉ / 2⌉: a cluster works on two vertically adjacent tiles
+  int column_tiles;     // ⌈out / 256⌉
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 constexpr int kGroupRowTiles = 16;
 
-// The tile a block works on, grouped so that the tiles in flight at once share rows of x and W in L2.
-__device__ __forceinline__ void tile_origin(int tile, const GemmShape& s, int& m0, int& n0) {
-  const int per_group = kGroupRowTiles * s.column_tiles;
-  const int first_row_tile = (tile / per_group) * kGroupRowTiles;
-  const int rows_in_group = min(s.row_tiles - first_row_tile, kGroupRowTiles);
-  const int in_group = tile % per_group;
-  m0 = (first_row_tile + in_group % rows_in_group) * kTileM;
-  n0 = (in_group / rows_in_group) * kTileN;
+// The tile of block `block_rank` of the cluster working on `pair_tile` (two vertically adjacent tiles), grouped so
+// that the tiles in flight at once share rows of x and W in L2.
+template <int kClusterBlocks>
+__device__ __forceinline__ void tile_origin(int pair_tile, uint32_t block_rank, const GemmShape& s, int& m0, int& n0) {
+  constexpr int kGroupRowPairs = kGroupRowTiles / kClusterBlocks;
+  const int per_group = kGroupRowPairs * s.column_tiles;
+  const int first_pair = (pair_tile / per_group) * kGroupRowPairs;
+  const int pairs_in_group = min(s.row_pairs - first_pair, kGroupRowPairs);
+  const int in_group = pair_tile % per_group;
+  m0 = ((first_pair + in_group % pairs_in_group) * kClusterBlocks + static_cast<int>(block_rank)) * kTileM;
+  n0 = (in_group / pairs_in_group) * kTileN;
 }
 #endif
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Two float32 values rounded to T and packed into one 32-bit word (the first in the low half).
 template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float first, float second) {
+  T pair[2] = {static_cast<T>(first), static_cast<T>(second)};
+  uint32_t word;
+  memcpy(&word, pair, sizeof(word));
+  return word;
+}
+
+// words[index] for a run-time index, without an indexed register array (which would go to local memory).
+__device__ __forceinline__ uint32_t select4(int index, uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
+  return index == 0 ? w0 : index == 1 ? w1 : index == 2 ? w2 : w3;
+}
+
+// A consumer warpgroup is done reading a stage: tell both blocks' producers (each refills part of it).
+template <int kClusterBlocks>
+__device__ __forceinline__ void release_stage(uint64_t* empty_barrier) {
+  if constexpr (kClusterBlocks == 1) {
+    sm90::mbarrier_arrive(empty_barrier);
+  } else {
+    for (uint32_t block = 0; block < kClusterBlocks; ++block) sm90::mbarrier_arrive_cluster(empty_barrier, block);
+  }
+}
+#endif
+
+template <typename T, int kClusterBlocks>
 __global__ void __launch_bounds__(kThreads, 1)
     lora_gemm_sm90_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                           const __grid_constant__ CUtensorMap xs_map, const __grid_constant__ CUtensorMap b_map,
-                          T* __restrict__ y, const T* __restrict__ bias, const GemmShape shape) {
+                          const __grid_constant__ CUtensorMap y_map, const T* __restrict__ bias,
+                          const GemmShape shape) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
   extern __shared__ unsigned char shared_raw[];
   // The 128-byte swizzle pattern repeats every 1024 bytes: tiles start on a 1024-byte boundary.
   unsigned char* shared = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(shared_raw) + 1023) & ~uintptr_t{1023});
-  uint64_t* full = reinterpret_cast<uint64_t*>(shared + kStages * kStageBytes);
+  unsigned char* out_staging = shared + kStages * kStageBytes;  // 2 × 16 KB, 1024-byte aligned
+  uint64_t* full = reinterpret_cast<uint64_t*>(out_staging + 2 * kOutStagingBytes);
   uint64_t* empty = full + kStages;
 
   const int warpgroup = threadIdx.x / 128, thread = threadIdx.x % 128;
+  const uint32_t block_rank = cluster_block_rank();
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full[s], 1);   // the producer's arrival (+ the copies' bytes)
-      mbarrier_init(&empty[s], 2);  // one arrival per consumer warpgroup
+      mbarrier_init(&full[s], 1);                   // the producer's arrival (+ the copies' 48 KB)
+      mbarrier_init(&empty[s], 2 * kClusterBlocks);  // each consumer warpgroup of both blocks
     }
     fence_barrier_init();
   }
-  __syncthreads();
+  cluster_sync();  // the peer's barriers exist before any copy or arrival names them
 
-  const int tiles = shape.row_tiles * shape.column_tiles;
+  const int pair_tiles = shape.row_pairs * shape.column_tiles;
   const int k_blocks = shape.base_k_blocks + shape.lora_k_blocks;
+  constexpr uint16_t kBothBlocks = (1u << kClusterBlocks) - 1;
+  constexpr int kTileWPartBytes = kTileN / kClusterBlocks * kTileK * 2;  // the part of W each block copies for all
 
   if (warpgroup == 0) {
     release_registers<40>();
@@ -97,21 +144,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       prefetch_tensor_map(&b_map);
       int stage = 0;
       uint32_t phase = 0;
-      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      for (int tile = cluster_index(); tile < pair_tiles; tile += cluster_count()) {
         int m0, n0;
-        tile_origin(tile, shape, m0, n0);
+        tile_origin<kClusterBlocks>(tile, block_rank, shape, m0, n0);
+        const int w_row = n0 + static_cast<int>(block_rank) * (kTileN / kClusterBlocks);  // this block's part of W
         for (int kb = 0; kb < k_blocks; ++kb) {
-          mbarrier_wait(&empty[stage], phase ^ 1);  // the consumers have freed this stage (passes at first use)
+          // The consumers of both blocks have freed this stage (passes at first use): this block's W part
+          // lands in the peer's stage too.
+          mbarrier_wait(&empty[stage], phase ^ 1);
           unsigned char* x_tile = shared + stage * kStageBytes;
-          unsigned char* w_tile = x_tile + kTileXBytes;
+          unsigned char* w_part = x_tile + kTileXBytes + block_rank * kTileWPartBytes;
           mbarrier_arrive_expect_bytes(&full[stage], kStageBytes);  // whole boxes, zero-filled parts included
-          if (kb < shape.base_k_blocks) {
-            copy_tile_async(x_tile, &x_map, &full[stage], kb * kTileK, m0);
-            copy_tile_async(w_tile, &w_map, &full[stage], kb * kTileK, n0);
+          const bool base = kb < shape.base_k_blocks;
+          const int k0 = (base ? kb : kb - shape.base_k_blocks) * kTileK;
+          copy_tile_async(x_tile, base ? &x_map : &xs_map, &full[stage], k0, m0);
+          if constexpr (kClusterBlocks == 1) {
+            copy_tile_async(w_part, base ? &w_map : &b_map, &full[stage], k0, w_row);
           } else {
-            const int k0 = (kb - shape.base_k_blocks) * kTileK;
-            copy_tile_async(x_tile, &xs_map, &full[stage], k0, m0);
-            copy_tile_async(w_tile, &b_map, &full[stage], k0, n0);
+            copy_tile_multicast_async(w_part, base ? &w_map : &b_map, &full[stage], k0, w_row, kBothBlocks);
           }
           if (++stage == kStages) {
             stage = 0;
@@ -126,9 +176,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[128];
     int stage = 0;
     uint32_t phase = 0;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    for (int tile = cluster_index(); tile < pair_tiles; tile += cluster_count()) {
       int m0, n0;
-      tile_origin(tile, shape, m0, n0);
+      tile_origin<kClusterBlocks>(tile, block_rank, shape, m0, n0);
       int previous_stage = -1;
       for (int kb = 0; kb < k_blocks; ++kb) {
         mbarrier_wait(&full[stage], phase);
@@ -152,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int i = 0; i < 128; ++i) fence_accumulator(acc[i]);
         // Keep this stage's MMAs in flight; the previous stage's are done now, so free that stage.
         wgmma_wait<1>();
-        if (previous_stage >= 0 && thread == 0) mbarrier_arrive(&empty[previous_stage]);
+        if (previous_stage >= 0 && thread == 0) release_stage<kClusterBlocks>(&empty[previous_stage]);
         previous_stage = stage;
         if (++stage == kStages) {
           stage = 0;
@@ -162,34 +212,78 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
 #pragma unroll
       for (int i = 0; i < 128; ++i) fence_accumulator(acc[i]);
-      if (thread == 0) mbarrier_arrive(&empty[previous_stage]);
+      if (thread == 0) release_stage<kClusterBlocks>(&empty[previous_stage]);
 
       // Epilogue. Accumulator layout of m64n256: thread (warp w, lane l) holds, for each 8-column block j,
-      // rows 16w + l/4 (+8) and columns 8j + 2(l%4) (+1) in acc[4j .. 4j+3].
-      const int warp = thread / 32, lane = thread % 32;
-      const int64_t row = m0 + consumer * 64 + warp * 16 + lane / 4;
+      // rows 16w + l/4 (+8) and columns 8j + 2(l%4) (+1) in acc[4j .. 4j+3]. The rows go out through the copy
+      // engine, so the next tile's MMAs start while they are written (storing straight from the registers cost
+      // 37 µs of the 8192 × 4096 GEMM, docs/perf-notes.md v8): each quad of lanes (same rows) transposes its
+      // 16-column chunk by shuffles so that every lane holds 16 contiguous bytes, the warpgroup writes half of
+      // its 64 × 256 rows into its staging buffer (swizzled as the output map expects), and one thread issues
+      // the stores.
+      const int warp = thread / 32, lane = thread % 32, quad_lane = lane % 4;
+      const int local_row = warp * 16 + lane / 4 + (quad_lane / 2) * 8;  // this lane's row after the transpose
+      const int64_t row0 = m0 + consumer * 64;
+      unsigned char* staging = out_staging + consumer * kOutStagingBytes;
+      constexpr int kOutBoxColumns = 64, kOutBoxBytes = 64 * kOutBoxColumns * 2;  // 8 KB boxes
+      const uint32_t barrier_id = 1 + consumer;  // named barrier of this warpgroup
 #pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        const int64_t column = n0 + j * 8 + (lane % 4) * 2;
-        if (column >= shape.out) continue;  // out is a multiple of 8: both columns of the pair are in or out
-        float bias0 = 0.f, bias1 = 0.f;
-        if (bias != nullptr) {
-          bias0 = static_cast<float>(bias[column]);
-          bias1 = static_cast<float>(bias[column + 1]);
-        }
+      for (int round = 0; round < 2; ++round) {
+        // The staging buffer is free once the previous stores from it have read it.
+        if (thread == 0) bulk_wait_source_read();
+        named_barrier(barrier_id, 128);
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int64_t r = row + half * 8;
-          if (r < shape.tokens) {
-            T pair[2] = {static_cast<T>(acc[4 * j + 2 * half] + bias0), static_cast<T>(acc[4 * j + 2 * half + 1] + bias1)};
-            *reinterpret_cast<uint32_t*>(y + r * shape.out + column) = *reinterpret_cast<const uint32_t*>(pair);
+        for (int c = 0; c < 8; ++c) {
+          const int chunk = round * 8 + c;
+          const int block0 = 2 * chunk, block1 = 2 * chunk + 1;
+          const int64_t column = n0 + chunk * 16 + 2 * quad_lane;  // this lane's pair in block0; +8 in block1
+          float2 bias0 = make_float2(0.f, 0.f), bias1 = make_float2(0.f, 0.f);
+          if (bias != nullptr && column < shape.out) {  // out % 8 == 0: a block is wholly in or out
+            bias0 = make_float2(static_cast<float>(bias[column]), static_cast<float>(bias[column + 1]));
+            if (column + 8 < shape.out) {
+              bias1 = make_float2(static_cast<float>(bias[column + 8]), static_cast<float>(bias[column + 9]));
+            }
           }
+          // word t: the pair this lane holds for lane t of its quad (t = 2 · row half + block parity).
+          const uint32_t word0 = pack_pair<T>(acc[4 * block0] + bias0.x, acc[4 * block0 + 1] + bias0.y);
+          const uint32_t word1 = pack_pair<T>(acc[4 * block1] + bias1.x, acc[4 * block1 + 1] + bias1.y);
+          const uint32_t word2 = pack_pair<T>(acc[4 * block0 + 2] + bias0.x, acc[4 * block0 + 3] + bias0.y);
+          const uint32_t word3 = pack_pair<T>(acc[4 * block1 + 2] + bias1.x, acc[4 * block1 + 3] + bias1.y);
+          // received[s]: columns 2s, 2s+1 of this lane's 8-column block, from lane s of the quad.
+          uint32_t received[4];
+          received[0] = received[1] = received[2] = received[3] = select4(quad_lane, word0, word1, word2, word3);
+#pragma unroll
+          for (int step = 1; step < 4; ++step) {
+            const uint32_t send = select4((quad_lane + step) & 3, word0, word1, word2, word3);
+            const int source = (quad_lane - step) & 3;
+            const uint32_t got = __shfl_sync(0xffffffffu, send, (lane & ~3) | source);
+#pragma unroll
+            for (int s = 0; s < 4; ++s) received[s] = source == s ? got : received[s];
+          }
+          // 16 bytes at (local_row, column c·16 + 8·(quad_lane % 2) of this round), in box c / 4, 128-byte swizzle.
+          const int round_column = c * 16 + (quad_lane % 2) * 8;
+          const int box = round_column / kOutBoxColumns, chunk16 = (round_column % kOutBoxColumns) / 8;
+          unsigned char* destination =
+              staging + box * kOutBoxBytes + local_row * 128 + ((chunk16 ^ (local_row % 8)) * 16);
+          *reinterpret_cast<uint4*>(destination) = make_uint4(received[0], received[1], received[2], received[3]);
+        }
+        fence_shared_for_copy_engine();
+        named_barrier(barrier_id, 128);
+        if (thread == 0) {
+#pragma unroll
+          for (int box = 0; box < kOutRoundColumns / kOutBoxColumns; ++box) {
+            const int column = n0 + round * kOutRoundColumns + box * kOutBoxColumns;
+            if (column < shape.out) store_tile_async(&y_map, staging + box * kOutBoxBytes, column, row0);
+          }
+          bulk_commit();
         }
       }
     }
+    if (thread == 0) bulk_wait_all();  // the last stores are done before the block (and its shared memory) goes
   }
+  cluster_sync();  // no block leaves while its peer may still copy into it or arrive on its barriers
 #else
-  (void)x_map, (void)w_map, (void)xs_map, (void)b_map, (void)y, (void)bias, (void)shape;
+  (void)x_map, (void)w_map, (void)xs_map, (void)b_map, (void)y_map, (void)bias, (void)shape;
 #endif
 }
 
@@ -210,7 +304,8 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encode;
 }
 
-// Tensor map of a (rows × columns) row-major 16-bit matrix, read in (box_rows × 64) boxes, 128-byte swizzled.
+// Tensor map of a (rows × columns) row-major 16-bit matrix, read or written in (box_rows × 64) boxes, 128-byte
+// swizzled.
 CUtensorMap tile_map(const at::Tensor& t, int64_t columns, uint32_t box_rows) {
   CUtensorMap map;
   std::memset(&map, 0, sizeof(map));
@@ -228,15 +323,35 @@ CUtensorMap tile_map(const at::Tensor& t, int64_t columns, uint32_t box_rows) {
   return map;
 }
 
+// How many clusters of `config` can be resident at once on the current device (cached per device and kernel).
+template <typename Kernel>
+int max_resident_clusters(Kernel kernel, const cudaLaunchConfig_t& config, int cluster_blocks) {
+  static int cached[64][3] = {};
+  const int device = c10::cuda::current_device();
+  if (device < 64 && cached[device][cluster_blocks] > 0) return cached[device][cluster_blocks];
+  int clusters = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+  LORA_CHECK(clusters > 0, "lora_ext: no cluster of the fused GEMM fits on this GPU");
+  if (device < 64) cached[device][cluster_blocks] = clusters;
+  return clusters;
+}
+
 bool copy_engine_rows(const at::Tensor& t) {
   return t.dim() == 2 && t.stride(1) == 1 && t.stride(0) % 8 == 0 && t.stride(0) >= t.size(1) &&
          reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
 #if defined(LORA_EXT_HAS_SM90A)
-bool fused_gemm_enabled() {  // opt-in while it is slower than cuBLAS + expand at 4096 wide (perf-notes v8)
+// LORA_EXT_FUSED_GEMM: unset or 1 = where it is faster (the size criterion above), 0 = never (benchmarks/
+// fused_gemm_ab.py compares both), force = on every shape it supports (tests/test_fused_gemm_cuda.py covers its
+// edge cases on small shapes).
+enum class FusedGemmSetting { kOff, kAuto, kForce };
+FusedGemmSetting fused_gemm_setting() {
   const char* setting = std::getenv("LORA_EXT_FUSED_GEMM");
-  return setting != nullptr && std::strcmp(setting, "1") == 0;
+  if (setting == nullptr) return FusedGemmSetting::kAuto;
+  if (std::strcmp(setting, "0") == 0) return FusedGemmSetting::kOff;
+  if (std::strcmp(setting, "force") == 0) return FusedGemmSetting::kForce;
+  return FusedGemmSetting::kAuto;
 }
 #endif
 
@@ -245,11 +360,15 @@ bool fused_gemm_enabled() {  // opt-in while it is slower than cuBLAS + expand a
 bool fused_lora_gemm_usable(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                             int64_t rank) {
 #if defined(LORA_EXT_HAS_SM90A)
-  if (!fused_gemm_enabled()) return false;
+  const FusedGemmSetting setting = fused_gemm_setting();
+  if (setting == FusedGemmSetting::kOff) return false;
   const auto dtype = x.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (weight.scalar_type() != dtype || (bias.has_value() && bias->defined() && bias->scalar_type() != dtype)) return false;
-  if (x.size(0) < kMinTokens || rank < 1) return false;
+  if (rank < 1) return false;
+  if (setting == FusedGemmSetting::kAuto && (x.size(0) < kMinTokens || x.size(0) * weight.size(0) < kMinOutputs)) {
+    return false;
+  }
   if (x.size(1) % 8 != 0 || weight.size(0) % 8 != 0) return false;
   if (x.size(0) > INT32_MAX || weight.size(0) > INT32_MAX) return false;
   if (!copy_engine_rows(x) || !copy_engine_rows(weight)) return false;
@@ -283,27 +402,44 @@ at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const 
   if (tokens == 0) return y;
   TORCH_INTERNAL_ASSERT(copy_engine_rows(xs) && copy_engine_rows(lora_B) && xs.scalar_type() == x.scalar_type() &&
                         lora_B.scalar_type() == x.scalar_type() && lora_B.size(1) == rank);
-  const CUtensorMap x_map = tile_map(x, in, kTileM), w_map = tile_map(weight, in, kTileN);
-  const CUtensorMap xs_map = tile_map(xs, rank, kTileM), b_map = tile_map(lora_B, rank, kTileN);
+  constexpr int kClusterBlocks = 2;
+  // W and B are copied in half-tiles, one per block of the cluster (multicast to both).
+  const CUtensorMap x_map = tile_map(x, in, kTileM), w_map = tile_map(weight, in, kTileN / kClusterBlocks);
+  const CUtensorMap xs_map = tile_map(xs, rank, kTileM), b_map = tile_map(lora_B, rank, kTileN / kClusterBlocks);
+  const CUtensorMap y_map = tile_map(y, out, 64);  // the epilogue's 64 × 64 boxes
   GemmShape shape;
   shape.tokens = tokens;
   shape.out = out;
   shape.base_k_blocks = static_cast<int>((in + kTileK - 1) / kTileK);
   shape.lora_k_blocks = static_cast<int>((rank + kTileK - 1) / kTileK);
-  shape.row_tiles = static_cast<int>((tokens + kTileM - 1) / kTileM);
+  const int64_t row_tiles = (tokens + kTileM - 1) / kTileM;
+  shape.row_pairs = static_cast<int>((row_tiles + kClusterBlocks - 1) / kClusterBlocks);
   shape.column_tiles = static_cast<int>((out + kTileN - 1) / kTileN);
-  const int tiles = shape.row_tiles * shape.column_tiles;
-  const int blocks = std::min(tiles, at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount);
+  const int pair_tiles = shape.row_pairs * shape.column_tiles;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const bool has_bias = bias.has_value() && bias->defined();
   auto launch = [&](auto tag) {
     using T = decltype(tag);
-    auto kernel = lora_gemm_sm90_kernel<T>;
+    auto kernel = lora_gemm_sm90_kernel<T, kClusterBlocks>;
     // Per call rather than cached: the attribute belongs to the current device's copy of the kernel.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
-    kernel<<<blocks, kThreads, kSharedBytes, stream>>>(x_map, w_map, xs_map, b_map, y.data_ptr<T>(),
-                                                       has_bias ? bias->data_ptr<T>() : nullptr, shape);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cudaLaunchConfig_t config = {};
+    cudaLaunchAttribute cluster;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = kClusterBlocks;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = kSharedBytes;
+    config.stream = stream;
+    // As many clusters as fit at once (not every SM pair can host one), or fewer if there are fewer tiles.
+    config.gridDim = dim3(kClusterBlocks * at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount);
+    const int clusters = max_resident_clusters(kernel, config, kClusterBlocks);
+    config.gridDim = dim3(kClusterBlocks * std::min(pair_tiles, clusters));
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, x_map, w_map, xs_map, b_map, y_map,
+                                      has_bias ? bias->data_ptr<T>() : nullptr, shape));
   };
   if (x.scalar_type() == at::kBFloat16) {
     launch(at::BFloat16{});

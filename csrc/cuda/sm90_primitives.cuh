@@ -63,8 +63,80 @@ __device__ __forceinline__ void copy_tile_async(void* destination, const CUtenso
       : "memory");
 }
 
+// The same copy, written into the same shared-memory offset of every block of the cluster named in cta_mask,
+// each completing bytes on the barrier at the same offset in its own block.
+__device__ __forceinline__ void copy_tile_multicast_async(void* destination, const CUtensorMap* map, uint64_t* barrier,
+                                                          int column, int row, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(shared_address(destination)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(column), "r"(row), "r"(shared_address(barrier)), "h"(cta_mask)
+      : "memory");
+}
+
+// The reverse: a box from shared memory (laid out as the map's swizzle says) into the tensor; parts of the box outside
+// the tensor are not written. Completion is tracked per thread by bulk groups (commit / wait below).
+__device__ __forceinline__ void store_tile_async(const CUtensorMap* map, const void* source, int column, int row) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(column), "r"(row), "r"(shared_address(source))
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// Waits until this thread's committed stores have finished reading their shared-memory source.
+__device__ __forceinline__ void bulk_wait_source_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// Waits until this thread's committed stores are complete.
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
+// Orders this thread's ordinary shared-memory writes before later reads by the copy engine (after a barrier).
+__device__ __forceinline__ void fence_shared_for_copy_engine() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// A barrier among the `threads` threads (a multiple of 32) that use barrier `id` (1..15; 0 is __syncthreads).
+__device__ __forceinline__ void named_barrier(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+// --- clusters ------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t cluster_block_rank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+}
+__device__ __forceinline__ uint32_t cluster_index() {
+  uint32_t index;
+  asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(index));
+  return index;
+}
+__device__ __forceinline__ uint32_t cluster_count() {
+  uint32_t count;
+  asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(count));
+  return count;
+}
+
+// Every thread of every block of the cluster: what each wrote to shared memory (and its barriers' initialisation)
+// is visible to the others afterwards, and no block leaves while another may still write into its shared memory.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// An arrival on the barrier at this barrier's offset in cluster block `block_rank` (this block's own included).
+// Default (CTA-scope) release semantics, as CUTLASS's ClusterBarrier: a cluster-scope release here costs a fence per
+// stage that measured 1.6× the whole kernel's time (docs/perf-notes.md v8).
+__device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* barrier, uint32_t block_rank) {
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n"
+      "}\n" ::"r"(shared_address(barrier)),
+      "r"(block_rank)
+      : "memory");
 }
 
 // --- register budgets per warpgroup role (the kernel starts under a cap set by __launch_bounds__) ---------------

@@ -1,6 +1,6 @@
 """The Hopper fused forward GEMM against the path it replaces, side by side in one process (GPU only):
 
-    python benchmarks/fused_gemm_ab.py [--shapes 8192x4096x4096x16,...]
+    python benchmarks/fused_gemm_ab.py [--shapes 8192x4096x4096x16,...] [--backward]
 
 Per shape (tokens × in × out × r, bf16, with bias): the frozen base layer (F.linear), lora_ext's forward with the
 fused GEMM (LORA_EXT_FUSED_GEMM=force, below its size cutoff too) and without it (=0: cuBLAS, then our expand
@@ -49,6 +49,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default=DEFAULT_SHAPES)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backward", action="store_true", help="time forward + backward (x requires grad)")
     args = parser.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, sm_90a build: "
           f"{lora_ext.built_with_sm90a()}")
@@ -64,20 +65,29 @@ def main():
         with torch.no_grad():
             layer.lora_B.normal_(0, 0.02)
         x = torch.randn(tokens, width_in, device="cuda", dtype=dt)
-        calls = {
-            "base": lambda: F.linear(x, base.weight, base.bias),
-            "fused": with_fused(True, lambda: layer(x)),
-            "unfused": with_fused(False, lambda: layer(x)),
-        }
+        if args.backward:
+            x.requires_grad_(True)
+            dy = torch.randn(tokens, width_out, device="cuda", dtype=dt)
+            calls = {
+                "base": lambda: F.linear(x, base.weight, base.bias).backward(dy),
+                "fused": with_fused(True, lambda: layer(x).backward(dy)),
+                "unfused": with_fused(False, lambda: layer(x).backward(dy)),
+            }
+        else:
+            calls = {
+                "base": lambda: F.linear(x, base.weight, base.bias),
+                "fused": with_fused(True, lambda: layer(x)),
+                "unfused": with_fused(False, lambda: layer(x)),
+            }
         if PeftLinear is not None:
             peft = PeftLinear(torch.nn.Linear(width_in, width_out, device="cuda", dtype=dt).requires_grad_(False),
                               "default", r=rank, lora_alpha=2 * rank)
             peft.to(device="cuda", dtype=dt)
-            calls["peft"] = lambda: peft(x)
+            calls["peft"] = (lambda: peft(x).backward(dy)) if args.backward else (lambda: peft(x))
         # Rounds of every variant in turn, median per variant: the GPU's clock drifts as it warms up, and
         # back-to-back blocks of one variant would carry that drift into the ratios.
         samples = {name: [] for name in calls}
-        with torch.no_grad():
+        with torch.set_grad_enabled(args.backward):
             for _ in range(args.rounds):
                 for name, call in calls.items():
                     samples[name].append(do_bench(call, return_mode="median"))
@@ -90,10 +100,10 @@ def main():
         diff = ((y_fused.float() - y_unfused.float()).norm() / y_unfused.float().norm()).item()
         ratios = "  ".join(f"{k} {v / rows['base']:.3f}x" for k, v in rows.items() if k != "base")
         print(f"{spec}: base {rows['base'] * 1e3:.1f} us  {ratios}  (fused vs unfused rel diff {diff:.1e})")
-        for label, enabled in (("fused", True), ("unfused", False)):
-            with torch.no_grad():
-                times = kernel_times(with_fused(enabled, lambda: layer(x)))
-            print(f"    {label}: " + "; ".join(f"{name} {t:.1f}" for name, t in times[:5]))
+        for label in ("fused", "unfused"):
+            with torch.set_grad_enabled(args.backward):
+                times = kernel_times(calls[label])
+            print(f"    {label}: " + "; ".join(f"{name} {t:.1f}" for name, t in times[:8]))
     os.environ.pop("LORA_EXT_FUSED_GEMM", None)
 
 

@@ -1,6 +1,6 @@
 """The Hopper forward GEMM with the LoRA expand folded in (csrc/cuda/lora_gemm_sm90.cu): y = x·Wᵀ + b + (s·xa)·Bᵀ
-as one GEMM over in + r. It serves 16-bit x on compute capability 9.0 when the build carries sm_90a, from 2^24
-outputs up (LORA_EXT_FUSED_GEMM=force lifts that cutoff, as here; =0 turns it off). These shapes sit on its tile
+as one GEMM over in + r. It serves 16-bit x on compute capability 9.0 when the build carries sm_90a, on shapes where it
+pays (≥ 8192 tokens with r > 16 or out ≥ 8192; LORA_EXT_FUSED_GEMM=force lifts that, as here; =0 turns it off). These shapes sit on its tile
 edges (tokens % 128, in % 64, out % 256, r across the 64-wide K blocks). Each is
 checked against the float64 reference twice: the general tolerance (test_ops' forward and backward checks) and a
 bound from its rounding, since the GEMM rounds y once: ‖y − ref‖/‖ref‖ ≤ 2u (u = 2⁻⁸ for bfloat16, 2⁻¹¹ for float16:
@@ -92,13 +92,14 @@ def test_fused_forward_then_backward(monkeypatch, dtype, adapter_dtype, shape, d
 
 
 @pytest.mark.parametrize(
-    "setting,tokens,out_features,fused",
-    [("force", 2048, 512, True), (None, 4096, 4096, True), (None, 1024, 512, False), ("0", 4096, 4096, False)],
-    ids=["forced-small", "auto-large", "auto-small", "off-large"],
+    "setting,tokens,out_features,rank,fused",
+    [("force", 2048, 512, 16, True), (None, 8192, 8192, 16, True), (None, 8192, 512, 32, True),
+     (None, 8192, 4096, 16, False), (None, 4096, 8192, 32, False), ("0", 8192, 8192, 32, False)],
+    ids=["forced-small", "auto-wide", "auto-r32", "auto-r16-narrow", "auto-few-tokens", "off"],
 )
-def test_which_path_serves(monkeypatch, setting, tokens, out_features, fused):
+def test_which_path_serves(monkeypatch, setting, tokens, out_features, rank, fused):
     """On an H100/H200 with an sm_90a build, the profiler sees our GEMM and no cuBLAS GEMM where the fused path
-    serves (from 2^24 outputs, or forced), and cuBLAS where it does not."""
+    serves (≥ 8192 tokens with r > 16 or out ≥ 8192, or forced), and cuBLAS where it does not."""
     if not fused_gemm_serves(torch.cuda.current_device()):
         pytest.skip("the fused GEMM needs compute capability 9.0 and an sm_90a build")
     if setting is None:
@@ -106,7 +107,7 @@ def test_which_path_serves(monkeypatch, setting, tokens, out_features, fused):
     else:
         monkeypatch.setenv("LORA_EXT_FUSED_GEMM", setting)
     x = make_x(tokens, 256, torch.bfloat16, "cuda")
-    params = make_params(256, out_features, 16, torch.bfloat16, torch.bfloat16, "cuda")
+    params = make_params(256, out_features, rank, torch.bfloat16, torch.bfloat16, "cuda")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         torch.ops.lora_ext.lora_forward(x, *params, SCALING, 0.0, None)
         torch.cuda.synchronize()
@@ -129,3 +130,33 @@ def test_unsuited_operands_take_the_general_path(case):
     y, _, _ = _forward(x, *params, 0.0, fused=True)
     ref = lora_reference(x, *params, SCALING)
     assert relative_error(y, ref["y"]) <= (1e-5 if dtype == torch.float32 else 2 * UNIT_ROUNDOFF[dtype])
+
+
+def test_fused_forward_in_a_cuda_graph_and_on_a_side_stream(monkeypatch):
+    """Captured in a CUDA graph and replayed on new input (the tensor maps hold addresses: the graph's own), and run
+    on a non-default stream: the same result as eager calls on the default stream."""
+    monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force")
+    weight, bias, lora_A, lora_B = make_params(520, 264, 24, torch.bfloat16, torch.bfloat16, "cuda")
+    static_x = make_x(1031, 520, torch.bfloat16, "cuda")
+
+    def call(x):
+        return torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, 0.0, None)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up on the capture stream, as torch.cuda.graphs asks
+            call(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y, static_xa = call(static_x)
+    for _ in range(2):
+        fresh = make_x(1031, 520, torch.bfloat16, "cuda")
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_y, eager_xa = call(fresh)
+        assert torch.equal(static_y, eager_y) and torch.equal(static_xa, eager_xa)
+        ref = lora_reference(fresh, weight, bias, lora_A, lora_B, SCALING)
+        assert relative_error(static_y, ref["y"]) <= 2 * UNIT_ROUNDOFF[torch.bfloat16]

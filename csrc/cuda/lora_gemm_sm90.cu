@@ -46,11 +46,13 @@ constexpr int kSharedBytes =
     kStages * kStageBytes + 2 * kOutStagingBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
 static_assert(kSharedBytes <= 227 * 1024, "more shared memory than an H100 block may have");
 #if defined(LORA_EXT_HAS_SM90A)
-// Where the fused GEMM beats cuBLAS + the expand kernel (H100, docs/perf-notes.md v8): from 2^24 outputs (512 tiles,
-// about four waves of the persistent grid) up. At 2048 × 4096 it was 2% slower; at 8192 × 4096 and 8192 × 11008
-// 3-4% faster.
-constexpr int64_t kMinTokens = 1024;
-constexpr int64_t kMinOutputs = int64_t{1} << 24;
+// Where the fused GEMM beats cuBLAS + the expand kernel (H100, bf16, in = 4096, docs/perf-notes.md v8): our GEMM is
+// ~11% slower than cuBLAS's, so it wins where the expand it saves is dearer than that: 8192 tokens with r = 64
+// (forward 1.186× against 1.243×) or out = 11008 (1.114× against 1.146×); at 8192 × 4096, r = 16 it ties, and with
+// fewer tokens (2048, 4096) it loses 3–7% (fewer waves of tiles to amortise its start).
+bool fused_gemm_pays(int64_t tokens, int64_t out_features, int64_t rank) {
+  return tokens >= 8192 && (rank > 16 || out_features >= 8192);
+}
 #endif
 
 struct GemmShape {
@@ -366,9 +368,7 @@ bool fused_lora_gemm_usable(const at::Tensor& x, const at::Tensor& weight, const
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (weight.scalar_type() != dtype || (bias.has_value() && bias->defined() && bias->scalar_type() != dtype)) return false;
   if (rank < 1) return false;
-  if (setting == FusedGemmSetting::kAuto && (x.size(0) < kMinTokens || x.size(0) * weight.size(0) < kMinOutputs)) {
-    return false;
-  }
+  if (setting == FusedGemmSetting::kAuto && !fused_gemm_pays(x.size(0), weight.size(0), rank)) return false;
   if (x.size(1) % 8 != 0 || weight.size(0) % 8 != 0) return false;
   if (x.size(0) > INT32_MAX || weight.size(0) > INT32_MAX) return false;
   if (!copy_engine_rows(x) || !copy_engine_rows(weight)) return false;

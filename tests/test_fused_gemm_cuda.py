@@ -1,6 +1,7 @@
 """The Hopper forward GEMM with the LoRA expand folded in (csrc/cuda/lora_gemm_sm90.cu): y = x·Wᵀ + b + (s·xa)·Bᵀ
 as one GEMM over in + r. It serves 16-bit x on compute capability 9.0 when the build carries sm_90a, on shapes where it
-pays (≥ 8192 tokens with r > 16 or out ≥ 8192; LORA_EXT_FUSED_GEMM=force lifts that, as here; =0 turns it off). These shapes sit on its tile
+pays (≥ 8192 tokens and in ≤ 4096, or ≤ 6144 for r > 16; LORA_EXT_FUSED_GEMM=force lifts that, as here; =0 turns
+it off). These shapes sit on its tile
 edges (tokens % 128, in % 64, out % 256, r across the 64-wide K blocks). Each is
 checked against the float64 reference twice: the general tolerance (test_ops' forward and backward checks) and a
 bound from its rounding, since the GEMM rounds y once: ‖y − ref‖/‖ref‖ ≤ 2u (u = 2⁻⁸ for bfloat16, 2⁻¹¹ for float16:
@@ -92,22 +93,22 @@ def test_fused_forward_then_backward(monkeypatch, dtype, adapter_dtype, shape, d
 
 
 @pytest.mark.parametrize(
-    "setting,tokens,out_features,rank,fused",
-    [("force", 2048, 512, 16, True), (None, 8192, 8192, 16, True), (None, 8192, 512, 32, True),
-     (None, 8192, 4096, 16, False), (None, 4096, 8192, 32, False), ("0", 8192, 8192, 32, False)],
-    ids=["forced-small", "auto-wide", "auto-r32", "auto-r16-narrow", "auto-few-tokens", "off"],
+    "setting,tokens,in_features,rank,fused",
+    [("force", 2048, 256, 16, True), (None, 8192, 4096, 16, True), (None, 8192, 6144, 32, True),
+     (None, 8192, 6144, 16, False), (None, 4096, 256, 32, False), ("0", 8192, 256, 32, False)],
+    ids=["forced-small", "auto-in4096", "auto-in6144-r32", "auto-in6144-r16", "auto-few-tokens", "off"],
 )
-def test_which_path_serves(monkeypatch, setting, tokens, out_features, rank, fused):
+def test_which_path_serves(monkeypatch, setting, tokens, in_features, rank, fused):
     """On an H100/H200 with an sm_90a build, the profiler sees our GEMM and no cuBLAS GEMM where the fused path
-    serves (≥ 8192 tokens with r > 16 or out ≥ 8192, or forced), and cuBLAS where it does not."""
+    serves (≥ 8192 tokens and in ≤ 4096, or ≤ 6144 for r > 16, or forced), and cuBLAS where it does not."""
     if not fused_gemm_serves(torch.cuda.current_device()):
         pytest.skip("the fused GEMM needs compute capability 9.0 and an sm_90a build")
     if setting is None:
         monkeypatch.delenv("LORA_EXT_FUSED_GEMM", raising=False)
     else:
         monkeypatch.setenv("LORA_EXT_FUSED_GEMM", setting)
-    x = make_x(tokens, 256, torch.bfloat16, "cuda")
-    params = make_params(256, out_features, rank, torch.bfloat16, torch.bfloat16, "cuda")
+    x = make_x(tokens, in_features, torch.bfloat16, "cuda")
+    params = make_params(in_features, 512, rank, torch.bfloat16, torch.bfloat16, "cuda")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         torch.ops.lora_ext.lora_forward(x, *params, SCALING, 0.0, None)
         torch.cuda.synchronize()

@@ -46,12 +46,13 @@ constexpr int kSharedBytes =
     kStages * kStageBytes + 2 * kOutStagingBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
 static_assert(kSharedBytes <= 227 * 1024, "more shared memory than an H100 block may have");
 #if defined(LORA_EXT_HAS_SM90A)
-// Where the fused GEMM beats cuBLAS + the expand kernel (H100, bf16, in = 4096, docs/perf-notes.md v8): our GEMM is
-// ~11% slower than cuBLAS's, so it wins where the expand it saves is dearer than that: 8192 tokens with r = 64
-// (forward 1.186× against 1.243×) or out = 11008 (1.114× against 1.146×); at 8192 × 4096, r = 16 it ties, and with
-// fewer tokens (2048, 4096) it loses 3–7% (fewer waves of tiles to amortise its start).
-bool fused_gemm_pays(int64_t tokens, int64_t out_features, int64_t rank) {
-  return tokens >= 8192 && (rank > 16 || out_features >= 8192);
+// Where the fused GEMM beats cuBLAS + the expand kernel (H100, bf16, docs/perf-notes.md v8). Our GEMM runs ~11%
+// slower than cuBLAS's, so it wins where the expand it saves (a read and a write of y, ∝ tokens·out) costs more
+// than that (∝ tokens·out·in): up to in ≈ 4800 at r ≤ 16 (8192 × 4096 × 4096: 3% less GPU time), further at larger
+// ranks, whose expand costs more (r = 64: forward 1.186× against 1.243×); out = 11008: 1.114× against 1.146×. With
+// fewer than 8192 tokens it lost 3–7% (2048 and 4096 tokens: too few waves of tiles to amortise its start).
+bool fused_gemm_pays(int64_t tokens, int64_t in_features, int64_t rank) {
+  return tokens >= 8192 && in_features <= (rank > 16 ? 6144 : 4096);
 }
 #endif
 
@@ -368,7 +369,7 @@ bool fused_lora_gemm_usable(const at::Tensor& x, const at::Tensor& weight, const
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (weight.scalar_type() != dtype || (bias.has_value() && bias->defined() && bias->scalar_type() != dtype)) return false;
   if (rank < 1) return false;
-  if (setting == FusedGemmSetting::kAuto && !fused_gemm_pays(x.size(0), weight.size(0), rank)) return false;
+  if (setting == FusedGemmSetting::kAuto && !fused_gemm_pays(x.size(0), x.size(1), rank)) return false;
   if (x.size(1) % 8 != 0 || weight.size(0) % 8 != 0) return false;
   if (x.size(0) > INT32_MAX || weight.size(0) > INT32_MAX) return false;
   if (!copy_engine_rows(x) || !copy_engine_rows(weight)) return false;

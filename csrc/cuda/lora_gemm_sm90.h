@@ -15,7 +15,7 @@ namespace cuda {
 
 // True when this build carries the sm_90a kernel, x's GPU is compute capability 9.0, the operands suit the copy
 // engine (16-bit x, W, xs and B of one dtype, rows 16-byte aligned, unit column stride) and the shape is one where
-// it beats cuBLAS plus the expand (≥ 8192 tokens with r > 16 or out ≥ 8192; measured: docs/perf-notes.md v8).
+// it beats cuBLAS plus the expand (≥ 8192 tokens, in ≤ 4096, or ≤ 6144 for r > 16; docs/perf-notes.md v8).
 // LORA_EXT_FUSED_GEMM=0 turns it off, LORA_EXT_FUSED_GEMM=force on for every shape it supports (the tests' shapes).
 bool fused_lora_gemm_usable(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                             int64_t rank);

@@ -18,6 +18,7 @@
 #include <array>
 #include <atomic>
 
+#include "cluster_launch.h"
 #include "wmma_tiles.cuh"
 
 namespace lora_ext {
@@ -313,11 +314,7 @@ void launch_decode(at::Tensor& y, at::Tensor& lora_activation, const at::Tensor&
     config.gridDim = dim3(kDecodeClusterBlocks, static_cast<unsigned>(x.size(0)));  // a cluster per token
     config.blockDim = dim3(kDecodeThreads);
     config.stream = stream;
-    cudaLaunchAttribute cluster{};
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = kDecodeClusterBlocks;
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = 1;
+    cudaLaunchAttribute cluster = cluster_along_x(kDecodeClusterBlocks);
     config.attrs = &cluster;
     config.numAttrs = 1;
     if (cluster_decode_usable(cluster_kernel, config)) {

@@ -26,6 +26,7 @@
 #include <cstring>
 
 #include "../error_message.h"
+#include "cluster_launch.h"
 #include "lora_gemm_sm90.h"
 #include "sm90_primitives.cuh"
 
@@ -425,11 +426,7 @@ at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const 
     // Per call rather than cached: the attribute belongs to the current device's copy of the kernel.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
     cudaLaunchConfig_t config = {};
-    cudaLaunchAttribute cluster;
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = kClusterBlocks;
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = 1;
+    cudaLaunchAttribute cluster = cluster_along_x(kClusterBlocks);
     config.attrs = &cluster;
     config.numAttrs = 1;
     config.blockDim = dim3(kThreads);

@@ -2,8 +2,9 @@
 
     python benchmarks/bench_lora.py [--quick] [--json PATH] [--plot PATH]
 
-Every case runs the three implementations in one process on the same random inputs and prints medians
-(triton.testing.do_bench, return_mode="median", L2 flushed) and each one's ratio to the frozen base layer,
+Every case runs the three implementations in one process on the same random inputs, in three interleaved rounds,
+and prints the median of each one's round medians (triton.testing.do_bench, return_mode="median", L2 flushed) and
+its ratio to the frozen base layer,
 plus the memory each holds for backward. Runs on whatever GPU is there (bf16), or on the CPU (float32,
 small sizes) when there is none. No assertions: RESULTS.md records what it printed.
 """
@@ -15,6 +16,7 @@ import sys
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse
+import statistics
 import copy
 import json
 import platform
@@ -34,6 +36,10 @@ try:
 except Exception as error:  # PEFT is optional: the table then has no PEFT column, and says why
     peft = None
     PEFT_IMPORT_ERROR = f"{type(error).__name__}: {error}"
+
+
+ROUNDS = 3  # rounds per case (run_case): each implementation timed ROUNDS times, interleaved
+REP_MS_PER_ROUND = 50
 
 
 def median_ms(fn, device, warmup_ms=25, rep_ms=100):
@@ -126,6 +132,7 @@ def run_case(name, tokens, in_features, out_features, rank, mode, dropout, dtype
     row = {"case": name, "tokens": tokens, "in": in_features, "out": out_features, "r": rank, "mode": mode,
            "dropout": dropout, "dtype": str(dtype), "adapter_dtype": str(adapter_dtype), "ms": {}, "held_mb": {},
            "launches": {}}
+    calls = {}
     for impl, layer in layers.items():
         layer.train()
         if mode == "forward":
@@ -143,7 +150,15 @@ def run_case(name, tokens, in_features, out_features, rank, mode, dropout, dtype
                     p.grad = None
 
             row["held_mb"][impl] = held_for_backward_mb(layer, x_grad)
-        row["ms"][impl] = median_ms(fn, device)
+        calls[impl] = fn
+    # Rounds of every implementation in turn, the median per implementation: the GPU's clock drifts as it warms
+    # up, and this host stalls now and then; a block of one implementation's calls would carry either into its ratio.
+    samples = {impl: [] for impl in calls}
+    for _ in range(ROUNDS):
+        for impl, fn in calls.items():
+            samples[impl].append(median_ms(fn, device, rep_ms=REP_MS_PER_ROUND))
+    for impl, fn in calls.items():
+        row["ms"][impl] = statistics.median(samples[impl])
         if mode == "forward" and tokens <= 16 and x.is_cuda:  # decoding: launch-bound, so the count matters
             row["launches"][impl] = kernel_launches(fn)
     base_ms = row["ms"]["base"]

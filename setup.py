@@ -103,7 +103,8 @@ def make_extension():
     if reason is None:
         os.environ["CUDA_HOME"] = find_cuda_home()
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list(torch))
-        os.environ["TORCH_CUDA_ARCH_LIST"] = with_hopper_features(os.environ["TORCH_CUDA_ARCH_LIST"])
+        if int(torch.version.cuda.split(".")[0]) >= 12:  # sm_90a needs CUDA 12
+            os.environ["TORCH_CUDA_ARCH_LIST"] = with_hopper_features(os.environ["TORCH_CUDA_ARCH_LIST"])
     from torch.utils import cpp_extension
 
     sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -119,8 +120,12 @@ def make_extension():
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-Wall,-Wextra"]
     nvcc_flags += [arg for path in torch_includes for arg in ("-isystem", path)]
-    if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"].split(";"):
-        # The host side may launch the sm_90a kernels (lora_ext.built_with_sm90a() reports it).
+    # The -gencode flags, passed explicitly: torch adds its own only when no nvcc flag contains "arch", and an
+    # include path above may (".../research/...", "aarch64"), which would silently build for nvcc's default target.
+    arch_flags = cpp_extension._get_cuda_arch_flags()
+    nvcc_flags += arch_flags
+    if any("code=sm_90a" in flag for flag in arch_flags):
+        # An sm_90a image is built, so the host side may launch the Hopper kernels (lora_ext.built_with_sm90a()).
         nvcc_flags.append("-DLORA_EXT_HAS_SM90A")
         cxx_flags.append("-DLORA_EXT_HAS_SM90A")
     extension = cpp_extension.CUDAExtension(

@@ -1,7 +1,7 @@
 """The Hopper forward GEMM with the LoRA expand folded in (csrc/cuda/lora_gemm_sm90.cu): y = x·Wᵀ + b + (s·xa)·Bᵀ
 as one GEMM over in + r. It serves 16-bit x on compute capability 9.0 when the build carries sm_90a, on shapes where it
-pays (≥ 8192 tokens and in ≤ 4096, or ≤ 6144 for r > 16; LORA_EXT_FUSED_GEMM=force lifts that, as here; =0 turns
-it off). These shapes sit on its tile
+pays (≥ 8192 tokens, out ≥ 2048 and in ≤ 4096, or ≤ 6144 for r > 16; LORA_EXT_FUSED_GEMM=force lifts that, as
+here; =0 turns it off). These shapes sit on its tile
 edges (tokens % 128, in % 64, out % 256, r across the 64-wide K blocks). Each is
 checked against the float64 reference twice: the general tolerance (test_ops' forward and backward checks) and a
 bound from its rounding, since the GEMM rounds y once: ‖y − ref‖/‖ref‖ ≤ 2u (u = 2⁻⁸ for bfloat16, 2⁻¹¹ for float16:
@@ -36,6 +36,10 @@ FUSED_SHAPES = [
     pytest.param((1153, 192, 256, 72), id="r72-two-blocks"),
     pytest.param((1280, 64, 8, 128), id="out8-r128"),
     pytest.param((2053, 1024, 1000, 12), id="r12-padded"),
+    # 17 row pairs × 17 column tiles = 289 tiles of two: more than an H100's ~66 resident clusters, so each cluster
+    # walks several tiles (stages and barrier phases carried across tiles, the producer running ahead into the next
+    # tile during the epilogue, the staging buffer reused between tiles).
+    pytest.param((4229, 136, 4104, 12), id="persistent-many-tiles"),
 ]
 
 DTYPES = [
@@ -100,7 +104,8 @@ def test_fused_forward_then_backward(monkeypatch, dtype, adapter_dtype, shape, d
 )
 def test_which_path_serves(monkeypatch, setting, tokens, in_features, rank, fused):
     """On an H100/H200 with an sm_90a build, the profiler sees our GEMM and no cuBLAS GEMM where the fused path
-    serves (≥ 8192 tokens and in ≤ 4096, or ≤ 6144 for r > 16, or forced), and cuBLAS where it does not."""
+    serves (≥ 8192 tokens, out ≥ 2048 and in ≤ 4096, or ≤ 6144 for r > 16, or forced), and cuBLAS where it does
+    not."""
     if not fused_gemm_serves(torch.cuda.current_device()):
         pytest.skip("the fused GEMM needs compute capability 9.0 and an sm_90a build")
     if setting is None:
@@ -108,7 +113,7 @@ def test_which_path_serves(monkeypatch, setting, tokens, in_features, rank, fuse
     else:
         monkeypatch.setenv("LORA_EXT_FUSED_GEMM", setting)
     x = make_x(tokens, in_features, torch.bfloat16, "cuda")
-    params = make_params(in_features, 512, rank, torch.bfloat16, torch.bfloat16, "cuda")
+    params = make_params(in_features, 2048, rank, torch.bfloat16, torch.bfloat16, "cuda")  # out ≥ 2048: it pays
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         torch.ops.lora_ext.lora_forward(x, *params, SCALING, 0.0, None)
         torch.cuda.synchronize()

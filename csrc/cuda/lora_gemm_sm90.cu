@@ -15,19 +15,28 @@
 // - Persistent: one cluster per SM pair walks the tiles (in groups of 16 row tiles, so the tiles in flight share
 //   x's and W's rows in L2); the producer runs ahead into the next tile while the consumers store this one.
 // - Epilogue: + bias in float32, one rounding to x's dtype, stored straight from the accumulator registers.
+//
+// Built only where setup.py (or CMake) builds an sm_90a target and says so with LORA_EXT_HAS_SM90A (CUDA 12 or
+// newer); otherwise this file compiles to the stubs at its end, and the forward keeps cuBLAS + the expand kernel.
 #include <ATen/ATen.h>
+
+#include "../error_message.h"
+#include "lora_gemm_sm90.h"
+
+#if defined(LORA_EXT_HAS_SM90A)
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
-#include "../error_message.h"
 #include "cluster_launch.h"
-#include "lora_gemm_sm90.h"
 #include "sm90_primitives.cuh"
 
 namespace lora_ext {
@@ -36,6 +45,7 @@ namespace {
 
 constexpr int kTileM = 128, kTileN = 256, kTileK = 64, kStages = 4;
 constexpr int kThreads = 384;  // warpgroup 0 produces, 1 and 2 consume
+constexpr int kClusterBlocks = 2;  // blocks of a cluster share (multicast) the W tile
 constexpr int kTileXBytes = kTileM * kTileK * 2;  // 16 KB
 constexpr int kTileWBytes = kTileN * kTileK * 2;  // 32 KB
 constexpr int kStageBytes = kTileXBytes + kTileWBytes;
@@ -46,16 +56,16 @@ constexpr int kOutStagingBytes = 64 * kOutRoundColumns * 2;  // 16 KB
 constexpr int kSharedBytes =
     kStages * kStageBytes + 2 * kOutStagingBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
 static_assert(kSharedBytes <= 227 * 1024, "more shared memory than an H100 block may have");
-#if defined(LORA_EXT_HAS_SM90A)
+
 // Where the fused GEMM beats cuBLAS + the expand kernel (H100, bf16, docs/perf-notes.md v8). Our GEMM runs ~11%
 // slower than cuBLAS's, so it wins where the expand it saves (a read and a write of y, ∝ tokens·out) costs more
 // than that (∝ tokens·out·in): up to in ≈ 4800 at r ≤ 16 (8192 × 4096 × 4096: 3% less GPU time), further at larger
 // ranks, whose expand costs more (r = 64: forward 1.186× against 1.243×); out = 11008: 1.114× against 1.146×. With
 // fewer than 8192 tokens it lost 3–7% (2048 and 4096 tokens: too few waves of tiles to amortise its start).
-bool fused_gemm_pays(int64_t tokens, int64_t in_features, int64_t rank) {
-  return tokens >= 8192 && in_features <= (rank > 16 ? 6144 : 4096);
+// Every measured shape had out ≥ 4096; narrow outputs would waste most of the 256-wide tiles.
+bool fused_gemm_pays(int64_t tokens, int64_t in_features, int64_t out_features, int64_t rank) {
+  return tokens >= 8192 && out_features >= 2048 && in_features <= (rank > 16 ? 6144 : 4096);
 }
-#endif
 
 struct GemmShape {
   int64_t tokens, out;  // M, N
@@ -287,22 +297,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   cluster_sync();  // no block leaves while its peer may still copy into it or arrive on its barriers
 #else
+  // The other targets of a multi-architecture build: never launched (kernel_clusters() sees this image's few
+  // registers and refuses), and if it ever were, an error rather than an output left unwritten.
   (void)x_map, (void)w_map, (void)xs_map, (void)b_map, (void)y_map, (void)bias, (void)shape;
+  __trap();
 #endif
 }
 
+// The driver's tensor-map encoder, or nullptr when the driver has none (fused_lora_gemm_usable then says no).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
     void* function = nullptr;
     cudaDriverEntryPointQueryResult found{};
 #if CUDART_VERSION >= 12050
-    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault,
-                                                    &found));
+    const cudaError_t status =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault, &found);
 #else
-    C10_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &function, cudaEnableDefault, &found));
+    const cudaError_t status = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &function, cudaEnableDefault, &found);
 #endif
-    LORA_CHECK(found == cudaDriverEntryPointSuccess && function != nullptr,
-               "lora_ext: the CUDA driver has no cuTensorMapEncodeTiled (needs CUDA 12 or newer)");
+    if (status != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();  // the refused query's error, not left for the next kernel launch to report
+      return nullptr;
+    }
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
   }();
   return encode;
@@ -327,28 +343,60 @@ CUtensorMap tile_map(const at::Tensor& t, int64_t columns, uint32_t box_rows) {
   return map;
 }
 
-// How many clusters of `config` can be resident at once on the current device (cached per device and kernel).
-template <typename Kernel>
-int max_resident_clusters(Kernel kernel, const cudaLaunchConfig_t& config, int cluster_blocks) {
-  static int cached[64][3] = {};
+cudaLaunchConfig_t launch_config(unsigned clusters, cudaStream_t stream, cudaLaunchAttribute* cluster) {
+  cudaLaunchConfig_t config = {};
+  *cluster = cluster_along_x(kClusterBlocks);
+  config.attrs = cluster;
+  config.numAttrs = 1;
+  config.gridDim = dim3(kClusterBlocks * clusters);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSharedBytes;
+  config.stream = stream;
+  return config;
+}
+
+// How many clusters of the kernel can be resident at once on the current device, or 0 where it cannot run there;
+// decided once per device (and dtype). It cannot run where the image that loads is not the sm_90a one (a
+// multi-architecture build also carries the other targets' stub: the real kernel's accumulators alone take 128
+// registers, the stub a handful), where its shared memory cannot be raised to kSharedBytes, where no cluster of it
+// fits, or where the driver cannot encode tensor maps. Setting the shared-memory limit here, once, also serves
+// every later launch on the device.
+template <typename T>
+int kernel_clusters() {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> decided{};  // 0: not yet; -1: cannot run; > 0: clusters
   const int device = c10::cuda::current_device();
-  if (device < 64 && cached[device][cluster_blocks] > 0) return cached[device][cluster_blocks];
+  std::atomic<int>* slot = device < kMaxDevices ? &decided[device] : nullptr;
+  if (slot != nullptr) {
+    const int known = slot->load();
+    if (known != 0) return std::max(known, 0);
+  }
+  auto kernel = lora_gemm_sm90_kernel<T, kClusterBlocks>;
   int clusters = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
-  LORA_CHECK(clusters > 0, "lora_ext: no cluster of the fused GEMM fits on this GPU");
-  if (device < 64) cached[device][cluster_blocks] = clusters;
-  return clusters;
+  cudaFuncAttributes attributes{};
+  bool failed = false;
+  if (tensor_map_encoder() != nullptr) {
+    failed = cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess;
+    if (!failed && attributes.numRegs >= 128) {
+      failed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes) != cudaSuccess;
+      if (!failed) {
+        cudaLaunchAttribute cluster;
+        const cudaLaunchConfig_t config = launch_config(1, nullptr, &cluster);
+        failed = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess;
+      }
+    }
+  }
+  if (failed) {
+    clusters = 0;
+    (void)cudaGetLastError();  // the refused query's error, not left for the next kernel launch to report
+  }
+  if (slot != nullptr) slot->store(clusters > 0 ? clusters : -1);
+  return std::max(clusters, 0);
 }
 
-bool copy_engine_rows(const at::Tensor& t) {
-  return t.dim() == 2 && t.stride(1) == 1 && t.stride(0) % 8 == 0 && t.stride(0) >= t.size(1) &&
-         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-}
-
-#if defined(LORA_EXT_HAS_SM90A)
-// LORA_EXT_FUSED_GEMM: unset or 1 = where it is faster (the size criterion above), 0 = never (benchmarks/
-// fused_gemm_ab.py compares both), force = on every shape it supports (tests/test_fused_gemm_cuda.py covers its
-// edge cases on small shapes).
+// LORA_EXT_FUSED_GEMM: unset or 1 = where it is faster (fused_gemm_pays), 0 = never (benchmarks/fused_gemm_ab.py
+// compares both), force = on every shape it supports (tests/test_fused_gemm_cuda.py covers its edge cases on small
+// shapes).
 enum class FusedGemmSetting { kOff, kAuto, kForce };
 FusedGemmSetting fused_gemm_setting() {
   const char* setting = std::getenv("LORA_EXT_FUSED_GEMM");
@@ -357,30 +405,33 @@ FusedGemmSetting fused_gemm_setting() {
   if (std::strcmp(setting, "force") == 0) return FusedGemmSetting::kForce;
   return FusedGemmSetting::kAuto;
 }
-#endif
+
+bool copy_engine_rows(const at::Tensor& t) {
+  return t.dim() == 2 && t.stride(1) == 1 && t.stride(0) % 8 == 0 && t.stride(0) >= t.size(1) &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
 
 }  // namespace
 
 bool fused_lora_gemm_usable(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                             int64_t rank) {
-#if defined(LORA_EXT_HAS_SM90A)
   const FusedGemmSetting setting = fused_gemm_setting();
   if (setting == FusedGemmSetting::kOff) return false;
   const auto dtype = x.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (weight.scalar_type() != dtype || (bias.has_value() && bias->defined() && bias->scalar_type() != dtype)) return false;
+  const int64_t tokens = x.size(0), in_features = x.size(1), out_features = weight.size(0);
   if (rank < 1) return false;
-  if (setting == FusedGemmSetting::kAuto && !fused_gemm_pays(x.size(0), x.size(1), rank)) return false;
-  if (x.size(1) % 8 != 0 || weight.size(0) % 8 != 0) return false;
-  if (x.size(0) > INT32_MAX || weight.size(0) > INT32_MAX) return false;
+  if (setting == FusedGemmSetting::kAuto && !fused_gemm_pays(tokens, in_features, out_features, rank)) return false;
+  if (in_features % 8 != 0 || out_features % 8 != 0) return false;
+  // Tile origins and copy coordinates are 32-bit: the last row pair's origin (up to 2 tiles past the last row) and
+  // the last column tile's second half must fit.
+  if (tokens > INT32_MAX - 2 * kTileM || out_features > INT32_MAX - kTileN || in_features > INT32_MAX) return false;
   if (!copy_engine_rows(x) || !copy_engine_rows(weight)) return false;
   if (bias.has_value() && bias->defined() && !bias->is_contiguous()) return false;
   const auto* properties = at::cuda::getDeviceProperties(x.get_device());
-  return properties->major == 9 && properties->minor == 0;
-#else
-  (void)x, (void)weight, (void)bias, (void)rank;
-  return false;
-#endif
+  if (properties->major != 9 || properties->minor != 0) return false;
+  return (dtype == at::kBFloat16 ? kernel_clusters<at::BFloat16>() : kernel_clusters<at::Half>()) > 0;
 }
 
 at::Tensor lora_gemm_operand(const at::Tensor& t, at::ScalarType dtype, double scale) {
@@ -404,7 +455,6 @@ at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const 
   if (tokens == 0) return y;
   TORCH_INTERNAL_ASSERT(copy_engine_rows(xs) && copy_engine_rows(lora_B) && xs.scalar_type() == x.scalar_type() &&
                         lora_B.scalar_type() == x.scalar_type() && lora_B.size(1) == rank);
-  constexpr int kClusterBlocks = 2;
   // W and B are copied in half-tiles, one per block of the cluster (multicast to both).
   const CUtensorMap x_map = tile_map(x, in, kTileM), w_map = tile_map(weight, in, kTileN / kClusterBlocks);
   const CUtensorMap xs_map = tile_map(xs, rank, kTileM), b_map = tile_map(lora_B, rank, kTileN / kClusterBlocks);
@@ -418,26 +468,17 @@ at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const 
   shape.row_pairs = static_cast<int>((row_tiles + kClusterBlocks - 1) / kClusterBlocks);
   shape.column_tiles = static_cast<int>((out + kTileN - 1) / kTileN);
   const int pair_tiles = shape.row_pairs * shape.column_tiles;
-  const auto stream = at::cuda::getCurrentCUDAStream();
   const bool has_bias = bias.has_value() && bias->defined();
   auto launch = [&](auto tag) {
     using T = decltype(tag);
-    auto kernel = lora_gemm_sm90_kernel<T, kClusterBlocks>;
-    // Per call rather than cached: the attribute belongs to the current device's copy of the kernel.
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
-    cudaLaunchConfig_t config = {};
-    cudaLaunchAttribute cluster = cluster_along_x(kClusterBlocks);
-    config.attrs = &cluster;
-    config.numAttrs = 1;
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = kSharedBytes;
-    config.stream = stream;
     // As many clusters as fit at once (not every SM pair can host one), or fewer if there are fewer tiles.
-    config.gridDim = dim3(kClusterBlocks * at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount);
-    const int clusters = max_resident_clusters(kernel, config, kClusterBlocks);
-    config.gridDim = dim3(kClusterBlocks * std::min(pair_tiles, clusters));
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, x_map, w_map, xs_map, b_map, y_map,
-                                      has_bias ? bias->data_ptr<T>() : nullptr, shape));
+    const int clusters = kernel_clusters<T>();
+    LORA_CHECK(clusters > 0, "lora_ext: the fused Hopper GEMM cannot run on this GPU (fused_lora_gemm_usable said so)");
+    cudaLaunchAttribute cluster;
+    const cudaLaunchConfig_t config =
+        launch_config(static_cast<unsigned>(std::min(pair_tiles, clusters)), at::cuda::getCurrentCUDAStream(), &cluster);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, lora_gemm_sm90_kernel<T, kClusterBlocks>, x_map, w_map, xs_map, b_map,
+                                      y_map, has_bias ? bias->data_ptr<T>() : nullptr, shape));
   };
   if (x.scalar_type() == at::kBFloat16) {
     launch(at::BFloat16{});
@@ -449,3 +490,25 @@ at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const 
 
 }  // namespace cuda
 }  // namespace lora_ext
+
+#else  // no sm_90a target in this build: the forward keeps cuBLAS + the expand kernel
+
+namespace lora_ext {
+namespace cuda {
+
+bool fused_lora_gemm_usable(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, int64_t) {
+  return false;
+}
+
+at::Tensor lora_gemm_operand(const at::Tensor& t, at::ScalarType, double) { return t; }
+
+at::Tensor fused_lora_gemm(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+                           const at::Tensor&) {
+  LORA_CHECK(false, "lora_ext: this build has no sm_90a kernels (fused_lora_gemm_usable says so)");
+  return at::Tensor();
+}
+
+}  // namespace cuda
+}  // namespace lora_ext
+
+#endif  // LORA_EXT_HAS_SM90A

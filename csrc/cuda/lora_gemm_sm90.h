@@ -13,7 +13,8 @@
 namespace lora_ext {
 namespace cuda {
 
-// True when this build carries the sm_90a kernel, x's GPU is compute capability 9.0, the operands suit the copy
+// True when this build carries the sm_90a kernel and it is the image that loads on x's GPU (compute capability 9.0;
+// checked once per device), the operands suit the copy
 // engine (16-bit x, W, xs and B of one dtype, rows 16-byte aligned, unit column stride) and the shape is one where
 // it beats cuBLAS plus the expand (≥ 8192 tokens, in ≤ 4096, or ≤ 6144 for r > 16; docs/perf-notes.md v8).
 // LORA_EXT_FUSED_GEMM=0 turns it off, LORA_EXT_FUSED_GEMM=force on for every shape it supports (the tests' shapes).
@@ -26,8 +27,8 @@ at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const 
                            const at::Tensor& xs, const at::Tensor& lora_B);
 
 // A (rows × r) operand as the copy engine needs it: in `dtype`, unit column stride, the row pitch a multiple of
-// 8 elements (16 bytes), from a 16-byte-aligned address. Returns `t` itself when it already is; else a copy whose
-// padding columns are zero (they are never read: the kernel's tensor map stops at r).
+// 8 elements (16 bytes), from a 16-byte-aligned address. Returns `t` itself when it already is; else a view of a
+// padded copy (the padding columns are left unwritten: the kernel's tensor maps stop at r and read zeros past it).
 at::Tensor lora_gemm_operand(const at::Tensor& t, at::ScalarType dtype, double scale = 1.0);
 
 }  // namespace cuda

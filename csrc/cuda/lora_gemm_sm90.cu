@@ -12,9 +12,10 @@
 //   stage of its peer too).
 // - The rank-r term is ⌈r/64⌉ more K blocks of the same loop, copied from xs and B instead of x and W; the copy
 //   engine fills the columns past r with zeros, so they add nothing.
-// - Persistent: one cluster per SM pair walks the tiles (in groups of 16 row tiles, so the tiles in flight share
+// - Persistent: as many clusters as fit walk the tiles (in groups of 16 row tiles, so the tiles in flight share
 //   x's and W's rows in L2); the producer runs ahead into the next tile while the consumers store this one.
-// - Epilogue: + bias in float32, one rounding to x's dtype, stored straight from the accumulator registers.
+// - Epilogue: + bias in float32, one rounding to x's dtype, written to swizzled staging in shared memory and
+//   stored by the copy engine, so the next tile's MMAs overlap the stores.
 //
 // Built only where setup.py (or CMake) builds an sm_90a target and says so with LORA_EXT_HAS_SM90A (CUDA 12 or
 // newer); otherwise this file compiles to the stubs at its end, and the forward keeps cuBLAS + the expand kernel.
@@ -77,12 +78,13 @@ struct GemmShape {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 constexpr int kGroupRowTiles = 16;
+constexpr int kGroupRowPairs = kGroupRowTiles / kClusterBlocks;
+constexpr uint16_t kBothBlocks = (1u << kClusterBlocks) - 1;  // the multicast mask: every block of the cluster
+constexpr int kTileWPartBytes = kTileN / kClusterBlocks * kTileK * 2;  // the part of W each block copies for all
 
 // The tile of block `block_rank` of the cluster working on `pair_tile` (two vertically adjacent tiles), grouped so
 // that the tiles in flight at once share rows of x and W in L2.
-template <int kClusterBlocks>
 __device__ __forceinline__ void tile_origin(int pair_tile, uint32_t block_rank, const GemmShape& s, int& m0, int& n0) {
-  constexpr int kGroupRowPairs = kGroupRowTiles / kClusterBlocks;
   const int per_group = kGroupRowPairs * s.column_tiles;
   const int first_pair = (pair_tile / per_group) * kGroupRowPairs;
   const int pairs_in_group = min(s.row_pairs - first_pair, kGroupRowPairs);
@@ -90,9 +92,7 @@ __device__ __forceinline__ void tile_origin(int pair_tile, uint32_t block_rank, 
   m0 = ((first_pair + in_group % pairs_in_group) * kClusterBlocks + static_cast<int>(block_rank)) * kTileM;
   n0 = (in_group / pairs_in_group) * kTileN;
 }
-#endif
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Two float32 values rounded to T and packed into one 32-bit word (the first in the low half).
 template <typename T>
 __device__ __forceinline__ uint32_t pack_pair(float first, float second) {
@@ -108,17 +108,12 @@ __device__ __forceinline__ uint32_t select4(int index, uint32_t w0, uint32_t w1,
 }
 
 // A consumer warpgroup is done reading a stage: tell both blocks' producers (each refills part of it).
-template <int kClusterBlocks>
 __device__ __forceinline__ void release_stage(uint64_t* empty_barrier) {
-  if constexpr (kClusterBlocks == 1) {
-    sm90::mbarrier_arrive(empty_barrier);
-  } else {
-    for (uint32_t block = 0; block < kClusterBlocks; ++block) sm90::mbarrier_arrive_cluster(empty_barrier, block);
-  }
+  for (uint32_t block = 0; block < kClusterBlocks; ++block) sm90::mbarrier_arrive_cluster(empty_barrier, block);
 }
 #endif
 
-template <typename T, int kClusterBlocks>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     lora_gemm_sm90_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                           const __grid_constant__ CUtensorMap xs_map, const __grid_constant__ CUtensorMap b_map,
@@ -146,8 +141,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int pair_tiles = shape.row_pairs * shape.column_tiles;
   const int k_blocks = shape.base_k_blocks + shape.lora_k_blocks;
-  constexpr uint16_t kBothBlocks = (1u << kClusterBlocks) - 1;
-  constexpr int kTileWPartBytes = kTileN / kClusterBlocks * kTileK * 2;  // the part of W each block copies for all
 
   if (warpgroup == 0) {
     release_registers<40>();
@@ -160,7 +153,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t phase = 0;
       for (int tile = cluster_index(); tile < pair_tiles; tile += cluster_count()) {
         int m0, n0;
-        tile_origin<kClusterBlocks>(tile, block_rank, shape, m0, n0);
+        tile_origin(tile, block_rank, shape, m0, n0);
         const int w_row = n0 + static_cast<int>(block_rank) * (kTileN / kClusterBlocks);  // this block's part of W
         for (int kb = 0; kb < k_blocks; ++kb) {
           // The consumers of both blocks have freed this stage (passes at first use): this block's W part
@@ -172,11 +165,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const bool base = kb < shape.base_k_blocks;
           const int k0 = (base ? kb : kb - shape.base_k_blocks) * kTileK;
           copy_tile_async(x_tile, base ? &x_map : &xs_map, &full[stage], k0, m0);
-          if constexpr (kClusterBlocks == 1) {
-            copy_tile_async(w_part, base ? &w_map : &b_map, &full[stage], k0, w_row);
-          } else {
-            copy_tile_multicast_async(w_part, base ? &w_map : &b_map, &full[stage], k0, w_row, kBothBlocks);
-          }
+          copy_tile_multicast_async(w_part, base ? &w_map : &b_map, &full[stage], k0, w_row, kBothBlocks);
           if (++stage == kStages) {
             stage = 0;
             phase ^= 1;
@@ -192,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t phase = 0;
     for (int tile = cluster_index(); tile < pair_tiles; tile += cluster_count()) {
       int m0, n0;
-      tile_origin<kClusterBlocks>(tile, block_rank, shape, m0, n0);
+      tile_origin(tile, block_rank, shape, m0, n0);
       int previous_stage = -1;
       for (int kb = 0; kb < k_blocks; ++kb) {
         mbarrier_wait(&full[stage], phase);
@@ -216,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int i = 0; i < 128; ++i) fence_accumulator(acc[i]);
         // Keep this stage's MMAs in flight; the previous stage's are done now, so free that stage.
         wgmma_wait<1>();
-        if (previous_stage >= 0 && thread == 0) release_stage<kClusterBlocks>(&empty[previous_stage]);
+        if (previous_stage >= 0 && thread == 0) release_stage(&empty[previous_stage]);
         previous_stage = stage;
         if (++stage == kStages) {
           stage = 0;
@@ -226,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
 #pragma unroll
       for (int i = 0; i < 128; ++i) fence_accumulator(acc[i]);
-      if (thread == 0) release_stage<kClusterBlocks>(&empty[previous_stage]);
+      if (thread == 0) release_stage(&empty[previous_stage]);
 
       // Epilogue. Accumulator layout of m64n256: thread (warp w, lane l) holds, for each 8-column block j,
       // rows 16w + l/4 (+8) and columns 8j + 2(l%4) (+1) in acc[4j .. 4j+3]. The rows go out through the copy
@@ -371,7 +360,7 @@ int kernel_clusters() {
     const int known = slot->load();
     if (known != 0) return std::max(known, 0);
   }
-  auto kernel = lora_gemm_sm90_kernel<T, kClusterBlocks>;
+  auto kernel = lora_gemm_sm90_kernel<T>;
   int clusters = 0;
   cudaFuncAttributes attributes{};
   bool failed = false;
@@ -477,7 +466,7 @@ at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const 
     cudaLaunchAttribute cluster;
     const cudaLaunchConfig_t config =
         launch_config(static_cast<unsigned>(std::min(pair_tiles, clusters)), at::cuda::getCurrentCUDAStream(), &cluster);
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, lora_gemm_sm90_kernel<T, kClusterBlocks>, x_map, w_map, xs_map, b_map,
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, lora_gemm_sm90_kernel<T>, x_map, w_map, xs_map, b_map,
                                       y_map, has_bias ? bias->data_ptr<T>() : nullptr, shape));
   };
   if (x.scalar_type() == at::kBFloat16) {

@@ -325,12 +325,6 @@ class LoRALinear(nn.Module):
             if not self.adapters_enabled:
                 return F.linear(x, weight, bias)
             stack = self._current_adapter_stack()
-            if x.dim() == 2 and ids.dim() == 1:  # a decoding batch: the operator itself, which checks every shape
-                try:
-                    return torch.ops.lora_ext.multi_lora_forward.default(x, weight, bias, stack.lora_A,
-                                                                         stack.lora_B, stack.scalings, ids)
-                except _CALL_ERRORS:
-                    pass  # multi_lora_linear below raises its clearer error (adapter_ids' shape), or the same one
             return multi_lora_linear(x, weight, bias, stack.lora_A, stack.lora_B, stack.scalings, ids)
         except _CALL_ERRORS as error:
             operator_error = error

@@ -145,6 +145,11 @@ def multi_lora_linear(
 
     adapter_ids: x.shape[:-1] (one slot per token) or (x.shape[0],) (one per sequence, broadcast over the other
     leading dimensions on the device, no sync); -1 = base only. Inference only (no autograd formula)."""
+    if (type(x) is torch.Tensor and x.dim() == 2 and type(adapter_ids) is torch.Tensor and adapter_ids.dim() == 1
+            and adapter_ids.shape[0] == x.shape[0]):
+        # A decoding batch (tokens, in), one id per token: the operator as is (host-bound at these sizes).
+        return torch.ops.lora_ext.multi_lora_forward.default(x, weight, bias, lora_A_stack, lora_B_stack, scalings,
+                                                             adapter_ids)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"multi_lora_linear: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
@@ -455,9 +460,10 @@ def mixed_adapters(model, adapter_names: Union[Sequence[Optional[str]], torch.Te
             if getattr(layer, "_adapter_stack", None) is None:
                 layer.adapter_stack()
             stack = layer._adapter_stack.sync_names(layer, distinct)  # the named adapters' in-place edits
-            key = (layer.weight.device, tuple(-1 if n is None else stack.slots.get(n, -1) for n in names))
+            device = registered_parameter(layer, "weight").device
+            key = (device, tuple(-1 if n is None else stack.slots.get(n, -1) for n in names))
             if key not in cache:
-                cache[key] = _ids_tensor(key[1], layer.weight.device)
+                cache[key] = _ids_tensor(key[1], device)
             per_layer[layer] = cache[key]
     previous = {layer: getattr(layer, "_mixed_ids", None) for layer in per_layer}
     # _mixed_ids is a plain attribute (never a registered buffer): set past nn.Module.__setattr__'s checks, which

@@ -8,13 +8,11 @@ bound from its rounding, since the GEMM rounds y once: ‖y − ref‖/‖ref‖
 one rounding of y, and at most one of the rank-r term through s·xa in x's dtype). Then against the cuBLAS + expand
 path (LORA_EXT_FUSED_GEMM=0), which must agree within the same bound."""
 
-import os
-
 import pytest
 import torch
 
 import lora_ext
-from conftest import lora_reference, make_params, make_x, relative_error, requires_cuda
+from conftest import lora_reference, make_params, make_x, relative_error, requires_cuda, seed_tensor
 from test_ops import SCALING, _check_backward
 
 pytestmark = requires_cuda
@@ -49,17 +47,10 @@ DTYPES = [
 ]
 
 
-def _forward(x, weight, bias, lora_A, lora_B, dropout_p, fused):
-    seed = torch.tensor([1234], dtype=torch.int64, device=x.device) if dropout_p > 0 else None
-    previous = os.environ.get("LORA_EXT_FUSED_GEMM")
-    os.environ["LORA_EXT_FUSED_GEMM"] = "force" if fused else "0"  # force: these shapes are below its size cutoff
-    try:
-        y, xa = torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, dropout_p, seed)
-    finally:
-        if previous is None:
-            del os.environ["LORA_EXT_FUSED_GEMM"]
-        else:
-            os.environ["LORA_EXT_FUSED_GEMM"] = previous
+def _forward(monkeypatch, x, weight, bias, lora_A, lora_B, dropout_p, fused):
+    seed = seed_tensor(1234, x.device) if dropout_p > 0 else None
+    monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force" if fused else "0")  # force: these shapes are below its cutoff
+    y, xa = torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, dropout_p, seed)
     keep = None if seed is None else torch.ops.lora_ext.dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p)
     return y, xa, keep
 
@@ -68,11 +59,11 @@ def _forward(x, weight, bias, lora_A, lora_B, dropout_p, fused):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("shape", FUSED_SHAPES)
 @pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
-def test_fused_forward_within_one_rounding(dtype, adapter_dtype, shape, bias, dropout_p):
+def test_fused_forward_within_one_rounding(monkeypatch, dtype, adapter_dtype, shape, bias, dropout_p):
     tokens, in_features, out_features, rank = shape
     x = make_x(tokens, in_features, dtype, "cuda")
     weight, bias_t, lora_A, lora_B = make_params(in_features, out_features, rank, dtype, adapter_dtype, "cuda", bias)
-    y, xa, keep = _forward(x, weight, bias_t, lora_A, lora_B, dropout_p, fused=True)
+    y, xa, keep = _forward(monkeypatch, x, weight, bias_t, lora_A, lora_B, dropout_p, fused=True)
     ref = lora_reference(x, weight, bias_t, lora_A, lora_B, SCALING, dropout_p, keep)
     # float32 adapters are rounded to x's dtype on the way in (A by the shrink, B for the GEMM): two roundings more.
     bound = (2 if adapter_dtype == dtype else 4) * UNIT_ROUNDOFF[dtype]
@@ -81,7 +72,7 @@ def test_fused_forward_within_one_rounding(dtype, adapter_dtype, shape, bias, dr
     if adapter_dtype == dtype:  # float32 sums of exact products; float32 adapters are rounded to x's dtype first
         assert relative_error(xa, ref["xa"]) <= 1e-5
 
-    y_unfused, xa_unfused, _ = _forward(x, weight, bias_t, lora_A, lora_B, dropout_p, fused=False)
+    y_unfused, xa_unfused, _ = _forward(monkeypatch, x, weight, bias_t, lora_A, lora_B, dropout_p, fused=False)
     assert torch.equal(xa, xa_unfused)  # the same shrink kernel feeds both
     assert relative_error(y, y_unfused) <= bound
 
@@ -126,14 +117,14 @@ def test_which_path_serves(monkeypatch, setting, tokens, in_features, rank, fuse
 @pytest.mark.parametrize(
     "case", ["x-in-not-multiple-of-8", "x-transposed", "float32"], ids=lambda c: c
 )
-def test_unsuited_operands_take_the_general_path(case):
+def test_unsuited_operands_take_the_general_path(monkeypatch, case):
     """Operands the copy engine cannot read (rows not 16-byte aligned, a column stride) or float32 go to cuBLAS and
     the expand kernel, with the same answer."""
     in_features = 516 if case == "x-in-not-multiple-of-8" else 512
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     x = make_x(1024, in_features, dtype, "cuda", layout="transposed" if case == "x-transposed" else "contiguous")
     params = make_params(in_features, 256, 16, dtype, dtype, "cuda")
-    y, _, _ = _forward(x, *params, 0.0, fused=True)
+    y, _, _ = _forward(monkeypatch, x, *params, 0.0, fused=True)
     ref = lora_reference(x, *params, SCALING)
     assert relative_error(y, ref["y"]) <= (1e-5 if dtype == torch.float32 else 2 * UNIT_ROUNDOFF[dtype])
 

@@ -4,9 +4,9 @@
 
 Per shape (tokens × in × out × r, bf16, with bias): the frozen base layer (F.linear), lora_ext's forward with the
 fused GEMM (LORA_EXT_FUSED_GEMM=force, below its size cutoff too) and without it (=0: cuBLAS, then our expand
-kernel), PEFT's lora.Linear when
-importable, each as a ratio to the base; medians of triton's do_bench after warm-up; random data. Then
-torch.profiler's GPU time per kernel for both lora_ext paths. A diagnostic for docs/perf-notes.md; bench_lora.py
+kernel), PEFT's lora.Linear when importable, each as a ratio to the base; medians of triton's do_bench after
+warm-up, in interleaved rounds; random data. Then torch.profiler's GPU time per kernel for both lora_ext paths
+(kernel_breakdown.profiled). A diagnostic for docs/perf-notes.md; bench_lora.py
 is the benchmark of record.
 """
 import argparse
@@ -15,10 +15,10 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 import lora_ext
+from kernel_breakdown import profiled  # this folder is the script's own, first on sys.path
 
 DEFAULT_SHAPES = "8192x4096x4096x16,8192x4096x4096x64,8192x4096x11008x16,4096x4096x4096x16,2048x4096x4096x16,1024x4096x4096x16"
 
@@ -28,21 +28,6 @@ def with_fused(enabled, function):
         os.environ["LORA_EXT_FUSED_GEMM"] = "force" if enabled else "0"  # force: below its size cutoff too
         return function()
     return call
-
-
-def kernel_times(function, iters=20):
-    for _ in range(3):
-        function()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            function()
-        torch.cuda.synchronize()
-    totals = {}
-    for event in prof.key_averages():
-        if event.device_time_total > 0:
-            totals[event.key[:70]] = event.device_time_total / iters
-    return sorted(totals.items(), key=lambda kv: -kv[1])
 
 
 def main():
@@ -102,8 +87,8 @@ def main():
         print(f"{spec}: base {rows['base'] * 1e3:.1f} us  {ratios}  (fused vs unfused rel diff {diff:.1e})")
         for label in ("fused", "unfused"):
             with torch.set_grad_enabled(args.backward):
-                times = kernel_times(calls[label])
-            print(f"    {label}: " + "; ".join(f"{name} {t:.1f}" for name, t in times[:8]))
+                _, kernels = profiled(calls[label], iters=20, warmup=3)
+            print(f"    {label}: " + "; ".join(f"{e.key[:70]} {e.device_time_total / 20:.1f}" for e in kernels[:8]))
     os.environ.pop("LORA_EXT_FUSED_GEMM", None)
 
 

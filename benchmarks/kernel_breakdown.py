@@ -89,9 +89,10 @@ CASES = {
 }
 
 
-def breakdown(name, make, iters, top):
-    step = make()
-    for _ in range(5):
+def profiled(step, iters, warmup=5):
+    """torch.profiler's per-op averages over `iters` calls of step after `warmup` calls, and among them the CUDA
+    kernels, largest GPU time first. Also used by fused_gemm_ab.py."""
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -101,6 +102,11 @@ def breakdown(name, make, iters, top):
     events = prof.key_averages()
     kernels = [e for e in events if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
     kernels.sort(key=lambda e: -e.device_time_total)
+    return events, kernels
+
+
+def breakdown(name, make, iters, top):
+    events, kernels = profiled(make(), iters)
     gpu_us = sum(e.device_time_total for e in kernels) / iters
     print(f"== {name}: GPU {gpu_us:.1f} us/call over {sum(e.count for e in kernels) / iters:.1f} kernels")
     for e in kernels[:top]:

@@ -7,8 +7,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../checks.h"
 #include "lora_decode.cuh"
+#include "lora_decode_gemv.cuh"
 #include "lora_gemm_sm90.h"
 #include "lora_steps.cuh"
 #include "nvtx_range.h"
@@ -16,6 +20,12 @@
 namespace lora_ext {
 namespace cuda {
 namespace {
+
+// LORA_EXT_DECODE_GEMV=0 turns the one-launch decoding path off (benchmarks compare both in one process).
+bool decode_gemv_enabled() {
+  const char* setting = std::getenv("LORA_EXT_DECODE_GEMV");
+  return setting == nullptr || std::strcmp(setting, "0") != 0;
+}
 
 std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                      const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
@@ -41,6 +51,12 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
     const at::Tensor scaled_activation = lora_gemm_operand(lora_activation, x.scalar_type(), scaling);
     const at::Tensor y = fused_lora_gemm(x, weight, bias, scaled_activation, lora_gemm_operand(lora_B, x.scalar_type()));
     return {y, lora_activation};
+  }
+
+  if (decode_gemv_shape_supported(x, weight, bias, lora_A, lora_B, dropout_p) && decode_gemv_enabled()) {
+    // A few tokens: the base product and the low-rank terms in one launch (lora_decode_gemv.cuh).
+    at::Tensor y = launch_decode_gemv(lora_activation, x, weight, bias, lora_A, lora_B, scaling);
+    if (y.defined()) return {y, lora_activation};
   }
 
   at::Tensor y = at::linear(x, weight, bias);

@@ -618,6 +618,41 @@ def test_cuda_decode_many_adapters(dtype, tokens):
 
 
 @requires_cuda
+@pytest.mark.parametrize("ranks", [[16, 8, 16], [12, 5, 3]], ids=["r16", "r12-no-vectors"])
+def test_cuda_decode_wide_output(ranks):
+    """out = 8200: on Hopper each block of a token's cluster updates 128 or 129 8-column groups of y, so some of its
+    128 threads take two (the one-launch gather kernel's loop over columns)."""
+    torch.manual_seed(5)
+    in_f, out_f, dtype = 264, 8200, torch.bfloat16
+    A, B, s = make_stack(ranks, in_f, out_f, dtype, "cuda")
+    weight, bias = make_base(in_f, out_f, dtype, "cuda")
+    x = make_x(9, in_f, dtype, "cuda")
+    ids = torch.tensor([2, -1, 0, 1, 1, 0, -1, 2, 0], device="cuda")
+    y = run_op(x, weight, bias, A, B, s, ids)
+    assert_rel_close(y, reference_by_slot(x, weight, bias, A, B, s, ids), dtype)
+    base = torch.nn.functional.linear(x, weight, bias)
+    assert_bit_identical(y[ids == -1], base[ids == -1], "base rows")
+
+
+@requires_cuda
+def test_cuda_decode_is_one_launch_on_hopper():
+    """On Hopper, decoding adds one kernel to the base GEMM (shrink and expand in one clustered launch)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need compute capability 9.0+")
+    A, B, s = make_stack([16] * 4, 512, 512, torch.bfloat16, "cuda")
+    weight, bias = make_base(512, 512, torch.bfloat16, "cuda")
+    x = make_x(32, 512, torch.bfloat16, "cuda")
+    ids = torch.randint(-1, 4, (32,), device="cuda")
+    run_op(x, weight, bias, A, B, s, ids)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        run_op(x, weight, bias, A, B, s, ids)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ours = [name for name in kernels if "lora" in name]
+    assert len(ours) == 1 and "multi_lora_gather_cluster_kernel" in ours[0], kernels
+
+
+@requires_cuda
 @pytest.mark.parametrize("case", ["rank 12 (no 8-rank vectors)", "float32 x, prefill", "rank 80 (general)",
                                   "in 1000 out 1000 tiles", "strided x", "rows not 16-byte aligned (general)"])
 def test_cuda_path_edges(case):

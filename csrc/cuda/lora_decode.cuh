@@ -42,22 +42,6 @@ struct DecodeParams {
   uint32_t dropout_threshold;
 };
 
-// Eight consecutive elements at a 16-byte aligned address, as float32.
-template <typename T>
-__device__ __forceinline__ void load8_float(const T* src, float (&out)[8]) {
-  if constexpr (std::is_same_v<T, float>) {
-    const float4 lo = *reinterpret_cast<const float4*>(src);
-    const float4 hi = *reinterpret_cast<const float4*>(src + 4);
-    out[0] = lo.x, out[1] = lo.y, out[2] = lo.z, out[3] = lo.w;
-    out[4] = hi.x, out[5] = hi.y, out[6] = hi.z, out[7] = hi.w;
-  } else {
-    Pack8<T> pack;
-    pack.bits = *reinterpret_cast<const uint4*>(src);
-#pragma unroll
-    for (int q = 0; q < 8; ++q) out[q] = static_cast<float>(pack.v[q]);
-  }
-}
-
 // A cluster of kDecodeClusterBlocks blocks per token (Hopper thread-block clusters): block b reduces its
 // 1/8 of K into a partial x·Aᵀ in its shared memory; after a cluster barrier every block adds the eight
 // partials from distributed shared memory in the same fixed order (so all hold bit-identical xa), and

@@ -10,7 +10,8 @@
 //           shrink over 16-token tiles and expand over 64 × 64 tiles of y, each tile walking its distinct slots
 //           (prefill: runs of tokens sharing an adapter, Punica's SGMV shape);
 //   gather  (multi_lora_gather.cuh) few tokens, or float32 x: per-token shrink split over the in-dimension, and
-//           a per-token expand (decoding, Punica's BGMV shape);
+//           a per-token expand (decoding, Punica's BGMV shape); on Hopper, up to kGatherMaxTokens tokens, both in
+//           one launch with a cluster of 8 blocks per token;
 //   general (below) any shape or stride: one block per token for the shrink, a per-token expand.
 // The tiles and gather paths write the shrink's partial sums per k-split and the expand adds them in a fixed
 // order: no atomics, repeated calls give the same bits.
@@ -24,6 +25,7 @@
 #include <utility>
 
 #include "../checks.h"
+#include "lora_decode.cuh"
 #include "lora_gemm_launch.cuh"
 #include "multi_lora_gather.cuh"
 #include "multi_lora_tiles.cuh"
@@ -127,8 +129,38 @@ std::pair<int64_t, int64_t> split_in_dimension(int64_t blocks, int64_t units, in
   return {(units + per_split - 1) / per_split, per_split};
 }
 
+// Decoding on Hopper: shrink and expand in one clustered launch (multi_lora_gather_cluster_kernel), or false where
+// this GPU or build cannot run it (the two gather kernels then serve).
+template <typename T, typename TW, typename IdT>
+bool launch_gather_cluster(const MultiLoraParams& p) {
+  if (p.tokens > kGatherMaxTokens) return false;
+  bool launched = false;
+  dispatch_rank_pad(p.rank, [&](auto rpad_tag) {
+    constexpr int RPAD = decltype(rpad_tag)::value;
+    const auto run = [&](auto kernel) {
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(kGatherClusterBlocks, static_cast<unsigned>(p.tokens));  // a cluster per token
+      config.blockDim = dim3(kGatherClusterThreads);
+      config.stream = at::cuda::getCurrentCUDAStream();
+      cudaLaunchAttribute cluster = cluster_along_x(kGatherClusterBlocks);
+      config.attrs = &cluster;
+      config.numAttrs = 1;
+      if (!cluster_decode_usable(kernel, config)) return;
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+      launched = true;
+    };
+    if (p.rank % 8 == 0) {
+      run(multi_lora_gather_cluster_kernel<T, TW, IdT, RPAD, true>);
+    } else {
+      run(multi_lora_gather_cluster_kernel<T, TW, IdT, RPAD, false>);
+    }
+  });
+  return launched;
+}
+
 template <typename T, typename TW, typename IdT>
 void launch_gather(MultiLoraParams p, const at::Tensor& x) {
+  if (launch_gather_cluster<T, TW, IdT>(p)) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto [splits, per_split] = split_in_dimension(p.tokens, p.in / 8, kGatherShrinkThreads);
   at::Tensor partial = at::empty({splits, p.tokens, p.rank}, x.options().dtype(at::kFloat));

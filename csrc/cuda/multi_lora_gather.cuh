@@ -21,6 +21,7 @@
 #include <cuda_fp16.h>
 
 #include <climits>
+#include <cooperative_groups.h>
 
 #include "wmma_tiles.cuh"
 
@@ -61,22 +62,6 @@ __device__ __forceinline__ int next_slot(const int* slots, int count, int after)
   return best;
 }
 
-// Eight consecutive elements as float32: one 16-byte load for 16-bit types, two for float32.
-template <typename S>
-__device__ __forceinline__ void load8_float(const S* src, float out[8]) {
-  if constexpr (std::is_same_v<S, float>) {
-    const float4 lo = *reinterpret_cast<const float4*>(src);
-    const float4 hi = *reinterpret_cast<const float4*>(src + 4);
-    out[0] = lo.x, out[1] = lo.y, out[2] = lo.z, out[3] = lo.w;
-    out[4] = hi.x, out[5] = hi.y, out[6] = hi.z, out[7] = hi.w;
-  } else {
-    Pack8<S> pack;
-    pack.bits = *reinterpret_cast<const uint4*>(src);
-#pragma unroll
-    for (int q = 0; q < 8; ++q) out[q] = static_cast<float>(pack.v[q]);
-  }
-}
-
 template <typename S>
 __device__ __forceinline__ void store8_float(S* dst, const float v[8]) {
   if constexpr (std::is_same_v<S, float>) {
@@ -94,6 +79,75 @@ constexpr int kGatherShrinkThreads = 64;
 constexpr int kGatherExpandThreads = 128;
 constexpr int kGatherExpandColumns = 8 * kGatherExpandThreads;  // output columns per block
 
+// acc[j] += Σ x[t, k]·A[a][j, k] over the 8-vectors v_begin + first, v_begin + first + step, … < v_end.
+template <typename T, typename TW, int RPAD>
+__device__ __forceinline__ void gather_shrink_range(float (&acc)[RPAD], const T* xt, const TW* At, int64_t rank,
+                                                    int64_t in, int64_t v_begin, int64_t v_end, int first, int step) {
+  for (int64_t v = v_begin + first; v < v_end; v += step) {
+    float xv[8];
+    load8_float(xt + 8 * v, xv);
+#pragma unroll
+    for (int j = 0; j < RPAD; ++j) {
+      if (j < rank) {
+        float av[8];
+        load8_float(At + j * in + 8 * v, av);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[j] = fmaf(xv[q], av[q], acc[j]);
+      }
+    }
+  }
+}
+
+// The block's sum of acc (every thread's), rank by rank, in a fixed order (warp butterflies, then warps in order);
+// returned through `sums` (RPAD floats of shared memory) after a __syncthreads.
+template <int RPAD, int kWarps>
+__device__ __forceinline__ void block_sum_ranks(const float (&acc)[RPAD], float (&warp_sums)[kWarps][RPAD],
+                                                float* sums, int64_t rank) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < RPAD; ++j) {
+    float v = acc[j];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (lane == 0) warp_sums[warp][j] = v;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < rank; j += kWarps * 32) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][j];
+    sums[j] = sum;
+  }
+}
+
+// y[t, o … o+7] = round(y + round(s·Σ_j xa[j]·B[a][o + q, j])): s·Σ rounded, then added and rounded once into y's
+// dtype, as the CPU kernel does (no FMA contraction). yv holds y's 8 values, loaded by the caller early.
+template <typename T, typename TW, int RPAD, bool RANK_VECTORS>
+__device__ __forceinline__ void gather_expand_8(T* yo, float (&yv)[8], const TW* Bo, const float* xa, int64_t rank,
+                                                float s) {
+  float acc[8];
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    acc[q] = 0.f;
+    if constexpr (RANK_VECTORS) {
+#pragma unroll
+      for (int j0 = 0; j0 < RPAD; j0 += 8) {
+        if (j0 < rank) {
+          float bv[8];
+          load8_float(Bo + q * rank + j0, bv);
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) acc[q] = fmaf(xa[j0 + jj], bv[jj], acc[q]);
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < rank; ++j) acc[q] = fmaf(xa[j], static_cast<float>(Bo[q * rank + j]), acc[q]);
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < 8; ++q) yv[q] = __fadd_rn(yv[q], __fmul_rn(s, acc[q]));
+  store8_float(yo, yv);
+}
+
 template <typename T, typename TW, typename IdT, int RPAD>
 __global__ void __launch_bounds__(kGatherShrinkThreads) multi_lora_gather_shrink_kernel(const MultiLoraParams p) {
   constexpr int kWarps = kGatherShrinkThreads / 32;
@@ -106,40 +160,13 @@ __global__ void __launch_bounds__(kGatherShrinkThreads) multi_lora_gather_shrink
   }
   const T* xt = static_cast<const T*>(p.x) + t * p.x_stride;
   const TW* At = static_cast<const TW*>(p.lora_A) + static_cast<int64_t>(a) * p.rank * p.in;
-  const int64_t vecs = p.in / 8;
-  const int64_t v_begin = split * p.split_size, v_end = min(vecs, v_begin + p.split_size);
+  const int64_t v_begin = split * p.split_size, v_end = min(p.in / 8, v_begin + p.split_size);
   float acc[RPAD];
 #pragma unroll
   for (int j = 0; j < RPAD; ++j) acc[j] = 0.f;
-  for (int64_t v = v_begin + threadIdx.x; v < v_end; v += kGatherShrinkThreads) {
-    float xv[8];
-    load8_float(xt + 8 * v, xv);
-#pragma unroll
-    for (int j = 0; j < RPAD; ++j) {
-      if (j < p.rank) {
-        float av[8];
-        load8_float(At + j * p.in + 8 * v, av);
-#pragma unroll
-        for (int q = 0; q < 8; ++q) acc[j] = fmaf(xv[q], av[q], acc[j]);
-      }
-    }
-  }
+  gather_shrink_range<T, TW, RPAD>(acc, xt, At, p.rank, p.in, v_begin, v_end, threadIdx.x, kGatherShrinkThreads);
   __shared__ float warp_sums[kWarps][RPAD];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int j = 0; j < RPAD; ++j) {
-    float v = acc[j];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    if (lane == 0) warp_sums[warp][j] = v;
-  }
-  __syncthreads();
-  for (int j = threadIdx.x; j < p.rank; j += kGatherShrinkThreads) {
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][j];
-    out[j] = sum;
-  }
+  block_sum_ranks<RPAD, kWarps>(acc, warp_sums, out, p.rank);
 }
 
 template <typename T, typename TW, typename IdT, int RPAD, bool RANK_VECTORS>
@@ -164,29 +191,70 @@ __global__ void __launch_bounds__(kGatherExpandThreads) multi_lora_gather_expand
   __syncthreads();
   if (o >= p.out) return;
   const TW* Bo = static_cast<const TW*>(p.lora_B) + (static_cast<int64_t>(a) * p.out + o) * p.rank;
-  float acc[8];
+  gather_expand_8<T, TW, RPAD, RANK_VECTORS>(yo, yv, Bo, xa, p.rank, p.scalings[a]);
+}
+
+// Decoding on Hopper: both steps in one launch, a cluster of kGatherClusterBlocks blocks per token (as the
+// single-adapter decode kernel, lora_decode.cuh): block b sums its eighth of the in-dimension into x·A[a]ᵀ, the
+// cluster adds the eight partials through distributed shared memory in block order (every block gets the same
+// bits), and block b then updates its eighth of y's columns. One launch and one gap fewer than the two kernels
+// above; A[a] and B[a] are still read once per token, each SM reading an eighth of them.
+constexpr int kGatherClusterBlocks = 8;
+constexpr int kGatherClusterThreads = 128;
+
+// Launched with a cluster dimension of kGatherClusterBlocks along x, grid (kGatherClusterBlocks, tokens).
+template <typename T, typename TW, typename IdT, int RPAD, bool RANK_VECTORS>
+__global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_cluster_kernel(const MultiLoraParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int kWarps = kGatherClusterThreads / 32;
+  __shared__ float warp_sums[kWarps][RPAD];
+  __shared__ float block_partial[RPAD];
+  __shared__ float xa[RPAD];
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int part = static_cast<int>(cluster.block_rank());
+  const int64_t t = blockIdx.y;
+  const int a = slot_of<IdT>(p.ids, t, p.adapters);
+  if (a < 0) return;  // the whole cluster (one token) leaves together, before any cluster barrier
+
+  // The first of this thread's 8-column groups of y is loaded first: its latency overlaps the reduction.
+  const int64_t out_vectors = p.out / 8;
+  const int64_t ov_first = out_vectors * part / kGatherClusterBlocks + threadIdx.x;
+  const int64_t ov_end = out_vectors * (part + 1) / kGatherClusterBlocks;
+  T* y_row = static_cast<T*>(p.y) + t * p.out;
+  float yv[8];
+  if (ov_first < ov_end) load8_float(y_row + 8 * ov_first, yv);
+
+  const int64_t vectors = p.in / 8;
+  float acc[RPAD];
 #pragma unroll
-  for (int q = 0; q < 8; ++q) {
-    acc[q] = 0.f;
-    if constexpr (RANK_VECTORS) {
+  for (int j = 0; j < RPAD; ++j) acc[j] = 0.f;
+  gather_shrink_range<T, TW, RPAD>(acc, static_cast<const T*>(p.x) + t * p.x_stride,
+                                   static_cast<const TW*>(p.lora_A) + static_cast<int64_t>(a) * p.rank * p.in,
+                                   p.rank, p.in, vectors * part / kGatherClusterBlocks,
+                                   vectors * (part + 1) / kGatherClusterBlocks, threadIdx.x, kGatherClusterThreads);
+  block_sum_ranks<RPAD, kWarps>(acc, warp_sums, block_partial, p.rank);
+  cluster.sync();
+  for (int j = threadIdx.x; j < RPAD; j += kGatherClusterThreads) {
+    float sum = 0.f;
+    if (j < p.rank) {
 #pragma unroll
-      for (int j0 = 0; j0 < RPAD; j0 += 8) {
-        if (j0 < p.rank) {
-          float bv[8];
-          load8_float(Bo + q * p.rank + j0, bv);
-#pragma unroll
-          for (int jj = 0; jj < 8; ++jj) acc[q] = fmaf(xa[j0 + jj], bv[jj], acc[q]);
-        }
-      }
-    } else {
-      for (int64_t j = 0; j < p.rank; ++j) acc[q] = fmaf(xa[j], static_cast<float>(Bo[q * p.rank + j]), acc[q]);
+      for (int b = 0; b < kGatherClusterBlocks; ++b) sum += cluster.map_shared_rank(block_partial, b)[j];
     }
+    xa[j] = sum;
   }
+  cluster.sync();  // xa complete; no block leaves while another still reads its partial
+
+  // This block's eighth of y's columns, 8 consecutive columns per thread.
+  const TW* B_slot = static_cast<const TW*>(p.lora_B) + static_cast<int64_t>(a) * p.out * p.rank;
   const float s = p.scalings[a];
-  // s·Σ rounded, then added and rounded once into y's dtype, as the CPU kernel does (no FMA contraction).
-#pragma unroll
-  for (int q = 0; q < 8; ++q) yv[q] = __fadd_rn(yv[q], __fmul_rn(s, acc[q]));
-  store8_float(yo, yv);
+  for (int64_t ov = ov_first; ov < ov_end; ov += kGatherClusterThreads) {
+    if (ov != ov_first) load8_float(y_row + 8 * ov, yv);
+    gather_expand_8<T, TW, RPAD, RANK_VECTORS>(y_row + 8 * ov, yv, B_slot + 8 * ov * p.rank, xa, p.rank, s);
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // compiled for an architecture without clusters: the launcher never launches it there
+#endif
 }
 
 }  // namespace cuda

@@ -54,6 +54,23 @@ __device__ __forceinline__ uint4 load8_as(const TSrc* src) {
   }
 }
 
+// Eight consecutive elements at a 16-byte aligned address, as float32: one 16-byte load for 16-bit types, two for
+// float32 (shared by the decode, gather and one-launch kernels).
+template <typename T>
+__device__ __forceinline__ void load8_float(const T* src, float (&out)[8]) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 lo = *reinterpret_cast<const float4*>(src);
+    const float4 hi = *reinterpret_cast<const float4*>(src + 4);
+    out[0] = lo.x, out[1] = lo.y, out[2] = lo.z, out[3] = lo.w;
+    out[4] = hi.x, out[5] = hi.y, out[6] = hi.z, out[7] = hi.w;
+  } else {
+    Pack8<T> pack;
+    pack.bits = *reinterpret_cast<const uint4*>(src);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) out[q] = static_cast<float>(pack.v[q]);
+  }
+}
+
 // Zero the elements of an 8-vector (columns col … col+7 of `row`, col % 8 == 0) that dropout drops.
 template <typename T>
 __device__ __forceinline__ uint4 apply_dropout8(uint4 bits, uint64_t seed, int64_t row, int64_t col,

@@ -121,17 +121,18 @@ constexpr int gemv_unroll() {
 
 // One warp's 16 rows (row stride `row_stride`, `valid_rows` of them real) over this block's K chunks, against the
 // block's x tile in shared memory. acc[nt] is the lane's m16n8 accumulator fragment for tokens 8·nt … 8·nt + 7.
-template <typename T, int NT, int U, bool STREAM>
+template <typename T, int NT, int U>
 struct RowTileReducer {
   const T* row_lo;
   const T* row_hi;
   bool lo_ok, hi_ok;
+  bool stream;  // W: read once, streamed past L1; A: kept cached (every cluster reads it)
   int k, c_begin, c_end;
   uint4 lo[U], hi[U];
 
-  __device__ __forceinline__ RowTileReducer(const T* rows, int64_t row_stride, int valid_rows, int k_, int c_begin_,
-                                            int c_end_)
-      : k(k_), c_begin(c_begin_), c_end(c_end_) {
+  __device__ __forceinline__ RowTileReducer(const T* rows, int64_t row_stride, int valid_rows, bool stream_, int k_,
+                                            int c_begin_, int c_end_)
+      : stream(stream_), k(k_), c_begin(c_begin_), c_end(c_end_) {
     const int g = (threadIdx.x % 32) / 4;
     row_lo = rows + g * row_stride;
     row_hi = rows + (g + 8) * row_stride;
@@ -147,7 +148,7 @@ struct RowTileReducer {
     for (int u = 0; u < U; ++u) {
       const int kk = (c0 + u) * 32 + q * 8;
       const bool in_range = c0 + u < c_end && kk < k;  // K % 8 == 0: an 8-vector is wholly in or out
-      if constexpr (STREAM) {
+      if (stream) {  // the same for the whole warp
         lo_out[u] = in_range && lo_ok ? load_streaming(row_lo + kk) : zero;
         hi_out[u] = in_range && hi_ok ? load_streaming(row_hi + kk) : zero;
       } else {
@@ -256,24 +257,15 @@ __global__ void __launch_bounds__((kGemvKSplit + RT) * 32, 2) lora_decode_gemv_k
     cp_async16(&b_tile[r][j], row < p.n ? lora_B + row * p.b_stride_n + j : lora_B, row < p.n ? 16 : 0);
   }
 
-  // W's first loads go out before x is staged; W streams past L1, A stays cached for the other clusters.
-  if (w_warp) {
-    RowTileReducer<T, NT, gemv_unroll<NT, RT>(), true> reducer(rows, row_stride, valid_rows, p.k, c_begin, c_end);
-    reducer.prefetch();
-    stage_x_slice<T, kTokens>(x_tile, x_stride_bytes, p, c_begin, c_end);
-    cp_async_wait_all();
-    __syncthreads();
-    reducer.reduce(acc, x_tile, x_stride_bytes);
-    store_fragment_transposed<NT>(w_partial + warp * kGemvRows, kWStride, acc);
-  } else {
-    RowTileReducer<T, NT, gemv_unroll<NT, RT>(), false> reducer(rows, row_stride, valid_rows, p.k, c_begin, c_end);
-    reducer.prefetch();
-    stage_x_slice<T, kTokens>(x_tile, x_stride_bytes, p, c_begin, c_end);
-    cp_async_wait_all();
-    __syncthreads();
-    reducer.reduce(acc, x_tile, x_stride_bytes);
-    store_fragment_transposed<NT>(xa_partial + tile_row0, kAStride, acc);
-  }
+  // W's (or A's) first loads go out before x is staged, so their latency overlaps the staging.
+  RowTileReducer<T, NT, gemv_unroll<NT, RT>()> reducer(rows, row_stride, valid_rows, w_warp, p.k, c_begin, c_end);
+  reducer.prefetch();
+  stage_x_slice<T, kTokens>(x_tile, x_stride_bytes, p, c_begin, c_end);
+  cp_async_wait_all();
+  __syncthreads();
+  reducer.reduce(acc, x_tile, x_stride_bytes);
+  store_fragment_transposed<NT>(w_warp ? w_partial + warp * kGemvRows : xa_partial + tile_row0,
+                                w_warp ? kWStride : kAStride, acc);
   cluster.sync();  // every block's partials written (release/acquire across the cluster)
 
   // xa = the 8 partials of x·Aᵀ, summed in cluster order (every block of every cluster gets the same bits).

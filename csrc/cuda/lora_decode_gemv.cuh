@@ -140,15 +140,25 @@ struct RowTileReducer {
     hi_ok = g + 8 < valid_rows;
   }
 
-  // Loads for chunks c0 … c0 + U − 1 (zeros past the slice, past K or past the real rows).
+  // Loads for chunks c0 … c0 + U − 1 (zeros past the slice, past K or past the real rows). The streaming choice is
+  // made once per batch, so each batch's loads issue back to back.
   __device__ __forceinline__ void load(int c0, uint4 (&lo_out)[U], uint4 (&hi_out)[U]) const {
+    if (stream) {
+      load_batch<true>(c0, lo_out, hi_out);
+    } else {
+      load_batch<false>(c0, lo_out, hi_out);
+    }
+  }
+
+  template <bool STREAM>
+  __device__ __forceinline__ void load_batch(int c0, uint4 (&lo_out)[U], uint4 (&hi_out)[U]) const {
     const int q = threadIdx.x % 4;
     const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int kk = (c0 + u) * 32 + q * 8;
       const bool in_range = c0 + u < c_end && kk < k;  // K % 8 == 0: an 8-vector is wholly in or out
-      if (stream) {  // the same for the whole warp
+      if constexpr (STREAM) {
         lo_out[u] = in_range && lo_ok ? load_streaming(row_lo + kk) : zero;
         hi_out[u] = in_range && hi_ok ? load_streaming(row_hi + kk) : zero;
       } else {

@@ -43,6 +43,9 @@ SHAPES = [
     # (after the instantiations above have run in this process).
     pytest.param((16, 8192, 136, 64), id="16tok-in8192-r64"),
     pytest.param((12, 16384, 100, 16), id="12tok-in16384"),
+    # The largest x slice it takes (16 tokens × 157 chunks of 64 bytes ≈ 157 KB of 160), and one past it (the other path).
+    pytest.param((16, 39936, 40, 16), id="in39936-largest-slice"),
+    pytest.param((16, 40960, 40, 16), id="in40960-other-path"),
 ]
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="f16")]
 

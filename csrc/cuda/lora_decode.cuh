@@ -258,12 +258,13 @@ bool cluster_decode_usable(Kernel kernel, const cudaLaunchConfig_t& config) {
   std::atomic<int>* slot = device < kMaxDevices ? &decided[device] : nullptr;
   if (slot != nullptr && slot->load() != 0) return slot->load() == 1;
   bool usable = false;
+  const cudaError_t pending = cudaPeekAtLastError();  // not ours to clear
   cudaFuncAttributes attributes{};
   if (cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.ptxVersion >= 90) {
     int clusters = 0;
     usable = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
   }
-  (void)cudaGetLastError();  // a failed query is an answer (use the block kernel), not a pending error
+  if (pending == cudaSuccess) (void)cudaGetLastError();  // a failed query is an answer (use the block kernel)
   if (slot != nullptr) slot->store(usable ? 1 : 2);
   return usable;
 }

@@ -32,6 +32,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>
 
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <mutex>
+
 #include "cluster_launch.h"
 #include "lora_decode.cuh"
 #include "wmma_tiles.cuh"
@@ -194,8 +199,8 @@ struct RowTileReducer {
   }
 };
 
-// One 16-row tile's accumulators, transposed: out[token · stride + row] (float32). stride ≡ 4 (mod 32) keeps the
-// warp's stores apart: lane (g, q) writes token 2q (+1), row g, i.e. bank 8q + g (+ 4).
+// One 16-row tile's accumulators, transposed: out[token · stride + row] (float32). stride ≡ 4 (mod 16) keeps the
+// warp's stores apart: lane (g, q) writes token 2q (+1) at row g (+8), and 2q·stride ≡ 8q (mod 32) banks.
 template <int NT>
 __device__ __forceinline__ void store_fragment_transposed(float* out, int stride, const float (&acc)[NT][4]) {
   const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
@@ -225,9 +230,9 @@ __global__ void __launch_bounds__((kGemvKSplit + RT) * 32, 2) lora_decode_gemv_k
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kTokens = NT * 8;
   constexpr int kGroupRows = kGemvKSplit * kGemvRows;  // a cluster's rows
-  // Partials token-major, rows padded by 4: the reads below (consecutive rows or ranks of one token, across the
-  // cluster) and the fragment stores are free of bank conflicts. Rows-major partials cost 8–32-way conflicts on
-  // every distributed-shared-memory read, and a 32-token, rank-64 call took 133 µs (docs/perf-notes.md v9).
+  // Partials token-major, rows padded by 4: the fragment stores are free of bank conflicts and the reads below
+  // (consecutive rows or ranks of one token, across the cluster) at most 2-way. Rows-major partials cost 8–32-way
+  // conflicts on every distributed-shared-memory read, and a 32-token, rank-64 call took 133 µs (perf-notes v9).
   constexpr int kWStride = kGroupRows + 4, kAStride = RT * 16 + 4;
   __shared__ float w_partial[kTokens * kWStride];   // this block's eighth of K, tokens × rows
   __shared__ float xa_partial[kTokens * kAStride];  // the same for A's ranks
@@ -273,7 +278,7 @@ __global__ void __launch_bounds__((kGemvKSplit + RT) * 32, 2) lora_decode_gemv_k
   stage_x_slice<T, kTokens>(x_tile, x_stride_bytes, p, c_begin, c_end);
   cp_async_wait_all();
   __syncthreads();
-  reducer.reduce(acc, x_tile, x_stride_bytes);
+  if (valid_rows > 0) reducer.reduce(acc, x_tile, x_stride_bytes);  // A's padding warp or rows past n: zeros
   store_fragment_transposed<NT>(w_warp ? w_partial + warp * kGemvRows : xa_partial + tile_row0,
                                 w_warp ? kWStride : kAStride, acc);
   cluster.sync();  // every block's partials written (release/acquire across the cluster)
@@ -298,7 +303,9 @@ __global__ void __launch_bounds__((kGemvKSplit + RT) * 32, 2) lora_decode_gemv_k
     float update = 0.f;
     const int r = threadIdx.x % kGemvRows;
     for (int j = 0; j < p.rank; ++j) update = fmaf(activation[out_t][j], static_cast<float>(b_tile[r][j]), update);
-    static_cast<T*>(p.y)[static_cast<int64_t>(out_t) * p.n + out_row] = T(base + bias_value + p.scaling * update);
+    // Pinned roundings (no FMA contraction): the same bits from every build.
+    const float value = __fadd_rn(__fadd_rn(base, bias_value), __fmul_rn(p.scaling, update));
+    static_cast<T*>(p.y)[static_cast<int64_t>(out_t) * p.n + out_row] = T(value);
   }
   cluster.sync();  // no block leaves (freeing its shared memory) while another still reads its partials
 #elif defined(__CUDA_ARCH__)
@@ -327,23 +334,47 @@ inline bool decode_gemv_shape_supported(const at::Tensor& x, const at::Tensor& w
   return true;
 }
 
-// Raises the kernel's dynamic shared memory limit to kGemvMaxXTileBytes, once per instantiation and device (a failure
-// leaves the caller on the two-launch path). Templated on the kernel's parameters, not on its type: every
-// instantiation has the same type, void(*)(DecodeGemvParams), and each needs its own limit raised (found on the H100:
-// a 32-token launch after a 1-token one failed with "invalid argument").
+// Whether this instantiation can be launched with `config` here, preparing it if need be: a device and build with
+// sm_90 code for it, its dynamic shared memory limit raised to what the launch asks (only above the 48 KB a launch
+// gets unasked, and only as far as asked: smaller GPUs allow less), and at least one 8-block cluster resident with
+// that much shared memory (a partitioned GPU may hold none). Remembered per instantiation and device: the largest
+// size prepared, and the smallest refused, so each size costs the queries once. Per instantiation, not per kernel
+// type: all of them share the type void(*)(DecodeGemvParams) and differ in shared memory (found on the H100: a
+// 16-token launch after a 1-token one failed with "invalid argument" while the limit was raised once per type).
 template <typename T, int NT, int RT>
-bool allow_gemv_shared_memory() {
+bool prepare_gemv_launch(const cudaLaunchConfig_t& config) {
   constexpr int kMaxDevices = 64;
-  static std::array<std::atomic<int>, kMaxDevices> decided{};  // 0 not yet, 1 raised, 2 failed
+  static std::array<std::atomic<int64_t>, kMaxDevices> prepared_up_to{};  // bytes; 0: none yet
+  static std::array<std::atomic<int64_t>, kMaxDevices> refused_from{};    // bytes; 0: none refused
+  static std::mutex preparing;  // raising the limit is a read-modify-write of the kernel's attribute
   const int device = at::cuda::current_device();
-  std::atomic<int>* slot = device < kMaxDevices ? &decided[device] : nullptr;
-  if (slot != nullptr && slot->load() != 0) return slot->load() == 1;
-  const bool raised = cudaFuncSetAttribute(lora_decode_gemv_kernel<T, NT, RT>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           kGemvMaxXTileBytes) == cudaSuccess;
-  (void)cudaGetLastError();  // a refusal is an answer (take the other path), not a pending error
-  if (slot != nullptr) slot->store(raised ? 1 : 2);
-  return raised;
+  if (device >= kMaxDevices) return false;
+  const int64_t bytes = static_cast<int64_t>(config.dynamicSmemBytes) + 1;  // + 1: 0 means "not yet"
+  if (bytes <= prepared_up_to[device].load()) return true;
+  const int64_t refused = refused_from[device].load();
+  if (refused != 0 && bytes >= refused) return false;
+
+  const std::lock_guard<std::mutex> lock(preparing);
+  if (bytes <= prepared_up_to[device].load()) return true;
+  const cudaError_t pending = cudaPeekAtLastError();  // not ours to clear
+  const auto kernel = lora_decode_gemv_kernel<T, NT, RT>;
+  cudaFuncAttributes attributes{};
+  bool ok = at::cuda::getCurrentDeviceProperties()->major >= 9 &&
+            cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.ptxVersion >= 90;
+  if (ok && attributes.sharedSizeBytes + config.dynamicSmemBytes > 48 * 1024 &&
+      static_cast<int64_t>(attributes.maxDynamicSharedSizeBytes) < static_cast<int64_t>(config.dynamicSmemBytes)) {
+    ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(config.dynamicSmemBytes)) == cudaSuccess;
+  }
+  int clusters = 0;
+  ok = ok && cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+  if (pending == cudaSuccess) (void)cudaGetLastError();  // a refused query is an answer (take the other path)
+  if (ok) {
+    prepared_up_to[device].store(bytes);
+  } else if (refused == 0 || bytes < refused) {
+    refused_from[device].store(bytes);
+  }
+  return ok;
 }
 
 template <typename T>
@@ -383,8 +414,7 @@ void launch_decode_gemv_typed(at::Tensor& y, at::Tensor& lora_activation, const 
     cudaLaunchAttribute cluster = cluster_along_x(kGemvKSplit);
     config.attrs = &cluster;
     config.numAttrs = 1;
-    if (!allow_gemv_shared_memory<T, NT, RT>()) return;
-    if (!cluster_decode_usable(kernel, config)) return;
+    if (!prepare_gemv_launch<T, NT, RT>(config)) return;
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
     *launched = true;
   };

@@ -145,11 +145,14 @@ def multi_lora_linear(
 
     adapter_ids: x.shape[:-1] (one slot per token) or (x.shape[0],) (one per sequence, broadcast over the other
     leading dimensions on the device, no sync); -1 = base only. Inference only (no autograd formula)."""
-    if (type(x) is torch.Tensor and x.dim() == 2 and type(adapter_ids) is torch.Tensor and adapter_ids.dim() == 1
-            and adapter_ids.shape[0] == x.shape[0]):
-        # A decoding batch (tokens, in), one id per token: the operator as is (host-bound at these sizes).
-        return torch.ops.lora_ext.multi_lora_forward.default(x, weight, bias, lora_A_stack, lora_B_stack, scalings,
-                                                             adapter_ids)
+    if (type(x) is torch.Tensor and type(adapter_ids) is torch.Tensor and adapter_ids.dim() == 1 and x.dim() >= 2
+            and adapter_ids.shape[0] == x.shape[0] and x.numel() == x.shape[0] * x.shape[-1]):
+        # A decoding batch: one token per row, (tokens, in) or (sequences, 1, in) with one id per sequence. The ids
+        # are already per token: the operator on the 2-D view, no reshaping of the ids (host-bound at these sizes).
+        x_2d = x if x.dim() == 2 else x.view(x.shape[0], x.shape[-1])
+        y = torch.ops.lora_ext.multi_lora_forward.default(x_2d, weight, bias, lora_A_stack, lora_B_stack, scalings,
+                                                          adapter_ids)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"multi_lora_linear: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:

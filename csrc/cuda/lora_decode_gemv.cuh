@@ -32,13 +32,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>
 
-#include <algorithm>
 #include <array>
 #include <atomic>
 #include <mutex>
 
+#include "async_copy.cuh"
 #include "cluster_launch.h"
-#include "lora_decode.cuh"
 #include "wmma_tiles.cuh"
 
 namespace lora_ext {
@@ -92,15 +91,6 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], uint32_t a0, uint32_
 // W is read exactly once: stream it past L1 and mark it first to leave L2, so x, A and B stay cached.
 __device__ __forceinline__ uint4 load_streaming(const void* src) { return __ldcs(static_cast<const uint4*>(src)); }
 
-// 16 bytes from global to shared memory without a trip through registers; src_bytes = 0 writes zeros (and reads
-// nothing). Completed by cp_async_wait_all.
-__device__ __forceinline__ void cp_async16(void* shared_dst, const void* global_src, int src_bytes) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global_src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-
 // Starts copying x[:, chunks c_begin … c_end) into shared memory, kTokens rows of x_stride_bytes; rows past the real
 // tokens and elements past K are zero-filled, so the mma tiles need no bounds of their own. All of a thread's copies
 // are in flight at once (a load-then-store loop waited for L2 once per 16 bytes: ≈ 4 µs at 16 tokens).
@@ -113,7 +103,8 @@ __device__ __forceinline__ void stage_x_slice(char* x_tile, int x_stride_bytes, 
     const int t = v / vectors_per_row, column = v % vectors_per_row;
     const int k = c_begin * 32 + column * 8;
     const bool real = t < p.tokens && k < p.k;
-    cp_async16(x_tile + t * x_stride_bytes + column * 16, real ? x + t * p.x_stride_t + k : x, real ? 16 : 0);
+    copy_16_bytes_async(x_tile + t * x_stride_bytes + column * 16, real ? x + t * p.x_stride_t + k : x,
+                        real ? 16 : 0);
   }
 }
 
@@ -269,14 +260,14 @@ __global__ void __launch_bounds__((kGemvKSplit + RT) * 32, 2) lora_decode_gemv_k
   const T* lora_B = static_cast<const T*>(p.lora_B);
   for (int v = threadIdx.x; v < kGemvRows * (p.rank / 8); v += blockDim.x) {
     const int r = v / (p.rank / 8), j = v % (p.rank / 8) * 8, row = group_row0 + part * kGemvRows + r;
-    cp_async16(&b_tile[r][j], row < p.n ? lora_B + row * p.b_stride_n + j : lora_B, row < p.n ? 16 : 0);
+    copy_16_bytes_async(&b_tile[r][j], row < p.n ? lora_B + row * p.b_stride_n + j : lora_B, row < p.n ? 16 : 0);
   }
 
   // W's (or A's) first loads go out before x is staged, so their latency overlaps the staging.
   RowTileReducer<T, NT, gemv_unroll<NT, RT>()> reducer(rows, row_stride, valid_rows, w_warp, p.k, c_begin, c_end);
   reducer.prefetch();
   stage_x_slice<T, kTokens>(x_tile, x_stride_bytes, p, c_begin, c_end);
-  cp_async_wait_all();
+  copy_async_wait_all();
   __syncthreads();
   if (valid_rows > 0) reducer.reduce(acc, x_tile, x_stride_bytes);  // A's padding warp or rows past n: zeros
   store_fragment_transposed<NT>(w_warp ? w_partial + warp * kGemvRows : xa_partial + tile_row0,
@@ -432,6 +423,7 @@ void launch_decode_gemv_typed(at::Tensor& y, at::Tensor& lora_activation, const 
 inline at::Tensor launch_decode_gemv(at::Tensor& lora_activation, const at::Tensor& x, const at::Tensor& weight,
                                      const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                      const at::Tensor& lora_B, double scaling) {
+  if (at::cuda::getCurrentDeviceProperties()->major < 9) return at::Tensor();  // no clusters: nothing to allocate
   at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
   bool launched = false;
   if (x.scalar_type() == at::kBFloat16) {

@@ -50,6 +50,7 @@
 #include <type_traits>
 
 #include "../merge_exact_layout.h"
+#include "async_copy.cuh"
 #include "lora_gemm_launch.cuh"
 #include "nvtx_range.h"
 
@@ -212,27 +213,6 @@ __device__ __forceinline__ void store_words(T* row, int64_t in, int rows_left, i
       }
     }
   }
-}
-
-// 16 bytes global -> shared without passing through registers (cp.async, sm_80+; the global address must be
-// 16-byte aligned). Before sm_80: an ordinary load and store.
-__device__ __forceinline__ void copy_16_bytes_async(void* shared, const void* global) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global) : "memory");
-#else
-  *static_cast<uint4*>(shared) = __ldcs(static_cast<const uint4*>(global));
-#endif
-}
-__device__ __forceinline__ void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void copy_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-#endif
 }
 
 // Shared memory per rank chunk. a_s[j]: A's 256 columns of the tile as float, in the order the FMA loop reads them

@@ -262,7 +262,13 @@ def main():
     parser.add_argument("--quick", action="store_true", help="the main table only, no sweeps")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--plot", default=None, help="draw overhead vs tokens here (PNG)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated parts of case names: run just those rows (e.g. 'sweep r=,merge')")
     args = parser.parse_args()
+    wanted = [part.strip() for part in args.only.split(",")] if args.only else None
+
+    def selected(name):
+        return wanted is None or any(part in name for part in wanted)
 
     on_gpu = torch.cuda.is_available() and lora_ext.cuda_kernels_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -278,13 +284,16 @@ def main():
         print(f"PEFT not compared: {PEFT_IMPORT_ERROR}")
     rows = []
     for spec in cases(args.quick, on_gpu):
-        rows.append(run_case(*spec, device=device))
+        if selected(spec[0]):
+            rows.append(run_case(*spec, device=device))
+            print_row(rows[-1])
+    if selected("merge"):
+        rows.append(run_merge_case(torch.bfloat16 if on_gpu else torch.float32, device))
         print_row(rows[-1])
-    rows.append(run_merge_case(torch.bfloat16 if on_gpu else torch.float32, device))
-    print_row(rows[-1])
 
+    merge_ops = next((f"  (merge: ops alone {r['ratio']['lora_ext ops']:.3f})" for r in rows if r["mode"] == "merge"), "")
     print("\nSummary (time / frozen base layer; merge: time / W.clone())")
-    print(f"{'case':28s} {'lora_ext':>9s} {'peft':>9s} {'held MB ours/peft':>18s}  (merge: ops alone {rows[-1]['ratio']['lora_ext ops']:.3f})")
+    print(f"{'case':28s} {'lora_ext':>9s} {'peft':>9s} {'held MB ours/peft':>18s}{merge_ops}")
     for row in rows:
         held = row.get("held_mb", {})
         held_text = f"{held.get('lora_ext', float('nan')):.1f}/{held.get('peft', float('nan')):.1f}" if held else ""

@@ -24,8 +24,13 @@ def training_step(rank, tokens=8192, width=4096, dropout=0.0):
     x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
 
-    def step():
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def step():  # gradients cleared as bench_lora.py does, so no accumulation kernels are counted
         layer(x).backward(dy)
+        x.grad = None
+        for p in params:
+            p.grad = None
     return step
 
 

@@ -3,8 +3,8 @@ lora_decode.cuh). Each case here sits on one side of a boundary between them, an
 float64 reference through test_ops' forward and backward checks: the fused decoding kernel (≤ 32 tokens,
 r % 8 == 0, r ≤ 32), the tensor-core shrink (≥ 512 tokens, with a tail of tokens % 16 rows on the general
 kernel), the tensor-core expand (r ≤ 128) and token reduction (r ≤ 64, larger ranks in chunks of 64), with ranks that are
-not a multiple of 8 zero-padded, the shrink in chunks of 64 ranks above r = 64, widths % 8 == 0, and their
-float32-FMA fallbacks."""
+not a multiple of 8 read element by element with zeros past r, the shrink in chunks of 64 ranks above r = 64,
+widths % 8 == 0, and their float32-FMA fallbacks."""
 
 import pytest
 import torch
@@ -26,12 +26,15 @@ PATH_SHAPES = [
     pytest.param((512, 256, 128, 8), id="wmma-r8"),
     pytest.param((530, 200, 72, 40), id="wmma-rpad64"),
     pytest.param((600, 256, 128, 64), id="wmma-r64"),
-    pytest.param((520, 256, 128, 3), id="wmma-r3-padded8"),
-    pytest.param((520, 256, 128, 4), id="wmma-r4-padded8"),
-    pytest.param((517, 264, 136, 12), id="wmma-r12-padded16-tail5"),
+    pytest.param((520, 256, 128, 1), id="wmma-r1"),
+    pytest.param((520, 256, 128, 3), id="wmma-r3-zero-filled"),
+    pytest.param((520, 256, 128, 4), id="wmma-r4-zero-filled"),
+    pytest.param((517, 264, 136, 12), id="wmma-r12-zero-filled-tail5"),
+    pytest.param((519, 136, 128, 20), id="wmma-r20-rpad32-tail7"),
+    pytest.param((520, 128, 136, 100), id="wmma-r100-chunks-64-36"),
     pytest.param((520, 256, 128, 72), id="wmma-r72-two-chunks"),
     pytest.param((531, 256, 136, 128), id="wmma-r128-rpad128-tail3"),
-    pytest.param((520, 128, 128, 130), id="wmma-r130-padded-chunk"),
+    pytest.param((520, 128, 128, 130), id="wmma-r130-chunk-tail2"),
     pytest.param((16, 256, 128, 128), id="general-decode-r128"),
     pytest.param((520, 256, 128, 200), id="fma-expand-r200"),
     pytest.param((520, 256, 67, 16), id="fma-expand-out67"),
@@ -63,3 +66,19 @@ def test_kernel_path_unaligned_or_strided_x(layout, tokens):
     x = make_x(tokens, 256, torch.bfloat16, "cuda", layout)
     params = make_params(256, 128, 16, torch.bfloat16, torch.bfloat16, "cuda")
     _check_backward(x, *params, 0.3)
+
+
+@pytest.mark.parametrize("rank", [4, 12, 16])
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_kernel_path_adapter_views(rank, adapter_dtype):
+    """Adapters given as views (B a column slice at an element offset, A the transpose of an (in × r) tensor) take
+    the tensor-core expand and token reduction with rows on no 16-byte boundary, and stay exact."""
+    tokens, in_features, out_features = 520, 256, 136
+    x = make_x(tokens, in_features, torch.bfloat16, "cuda")
+    weight, bias, lora_A, lora_B = make_params(in_features, out_features, rank, torch.bfloat16, adapter_dtype, "cuda")
+    wide_B = torch.randn(out_features, rank + 3, device="cuda").to(adapter_dtype)
+    wide_B[:, 1 : rank + 1] = lora_B
+    lora_B_view = wide_B[:, 1 : rank + 1]
+    lora_A_view = lora_A.t().contiguous().t()
+    assert not lora_B_view.is_contiguous() and not lora_A_view.is_contiguous()
+    _check_backward(x, weight, bias, lora_A_view, lora_B_view, 0.3)

@@ -40,10 +40,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
 
   // The adapters transposed into contiguous copies (r × out and in × r; small): the tensor-core kernels read
   // them 16 bytes at a time along K and along the rank, where the strided views cost them 1.3–2.5× (r = 64).
-  // Below kShrinkWmmaMinTokens the general kernels run and the two copies would only add launches.
+  // Below kShrinkWmmaMinTokens the general kernels run and the two copies would only add launches. At r % 8 != 0
+  // the expand reads A's ranks one by one anyway, so it takes Aᵀ as a view (its column loader) and skips the copy.
   const bool copy_transposes = dims.tokens >= kShrinkWmmaMinTokens;
+  const bool copy_A_t = copy_transposes && compute_grad_x && dims.rank % 8 == 0;
   const at::Tensor lora_B_t = copy_transposes ? lora_B.t().contiguous() : lora_B.t();
-  const at::Tensor lora_A_t = copy_transposes && compute_grad_x ? lora_A.t().contiguous() : lora_A.t();
+  const at::Tensor lora_A_t = copy_A_t ? lora_A.t().contiguous() : lora_A.t();
 
   dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using act_t = decltype(act_tag);

@@ -31,6 +31,9 @@ struct ExpandParams {
   int64_t m, n, rank;
   float alpha;
   bool out_vectorizable;  // unit column stride, rows and base 16-byte aligned
+  // The tensor-core expand's rank-contiguous L and R: 16-byte loads of 8 ranks where rows and base are 16-byte
+  // aligned and r % 8 == 0, element loads (zeros past r) otherwise.
+  bool left_vector_rows, right_vector_rows;
   const int64_t* dropout_seed;
   uint32_t dropout_threshold;
 };

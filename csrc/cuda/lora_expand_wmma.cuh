@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(128) lora_expand_wmma_kernel(const ExpandParam
     const int r = v / (RPAD / 8), j = (v % (RPAD / 8)) * 8;
     const int64_t row = m0 + r;
     uint4 bits = make_uint4(0, 0, 0, 0);
-    if (row < p.m && j < p.rank) bits = load8_as<T>(left + row * p.left_stride_m + j);
+    if (row < p.m && j < p.rank) bits = load8_ranks_as<T>(left + row * p.left_stride_m, j, p.rank, p.left_vector_rows);
     *reinterpret_cast<uint4*>(&left_tile[r][j]) = bits;
   }
   if constexpr (R_RANK_CONTIGUOUS) {
@@ -75,7 +75,9 @@ __global__ void __launch_bounds__(128) lora_expand_wmma_kernel(const ExpandParam
       const int n = v / (RPAD / 8), j = (v % (RPAD / 8)) * 8;
       const int64_t col = n0 + n;
       uint4 bits = make_uint4(0, 0, 0, 0);
-      if (col < p.n && j < p.rank) bits = load8_as<T>(right + col * p.right_stride_n + j);
+      if (col < p.n && j < p.rank) {
+        bits = load8_ranks_as<T>(right + col * p.right_stride_n, j, p.rank, p.right_vector_rows);
+      }
       *reinterpret_cast<uint4*>(&right_tile[n][j]) = bits;
     }
   } else {
@@ -148,21 +150,35 @@ __global__ void __launch_bounds__(128) lora_expand_wmma_kernel(const ExpandParam
   }
 }
 
+// Whether a rank-contiguous (rows × r) operand's rows can be read 8 ranks per 16-byte load.
+inline bool rank_rows_vectorizable(const at::Tensor& t) {
+  return t.size(1) % 8 == 0 && t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) % 8 == 0) && aligned16(t.data_ptr());
+}
+
+// Whether the expand can read a (rows × r) operand along its ranks: 16-byte loads at r % 8 == 0, element loads
+// with zeros past r otherwise (instead of a zero-padded copy, which cost two launches per operand).
+inline bool rank_rows_loadable(const at::Tensor& t) {
+  const int64_t rank = t.size(1);
+  if (rank % 8 == 0) return rank_rows_vectorizable(t);
+  return t.stride(1) == 1 || rank == 1;
+}
+
+// Whether R (N × r) can be read along its columns instead: R = Aᵀ as a view of A (r × N).
+inline bool columns_loadable(const at::Tensor& t) {
+  return t.stride(0) == 1 && t.stride(1) % 8 == 0 && aligned16(t.data_ptr());
+}
+
 // Whether the tensor-core expand can take these operands (else lora_expand.cuh's kernel runs).
 inline bool expand_wmma_supported(const at::Tensor& c, const at::Tensor& left, const at::Tensor& right) {
   const auto dtype = c.scalar_type();
   if (!(dtype == at::kHalf || dtype == at::kBFloat16)) return false;
   for (const at::Tensor* t : {&left, &right}) {
     if (t->scalar_type() != dtype && t->scalar_type() != at::kFloat) return false;
-    if (!aligned16(t->data_ptr())) return false;
   }
   const int64_t rank = left.size(1), m = c.size(0), n = c.size(1);
-  if (rank > kExpandWmmaMaxRank || rank % 8 != 0 || n % 8 != 0) return false;
+  if (rank > kExpandWmmaMaxRank || n % 8 != 0) return false;
   if (c.stride(1) != 1 || (m > 1 && c.stride(0) % 8 != 0) || !aligned16(c.data_ptr())) return false;
-  if (left.stride(1) != 1 || (m > 1 && left.stride(0) % 8 != 0)) return false;
-  const bool right_rank_contiguous = right.stride(1) == 1 && (n <= 1 || right.stride(0) % 8 == 0);
-  const bool right_column_contiguous = right.stride(0) == 1 && right.stride(1) % 8 == 0;
-  return right_rank_contiguous || right_column_contiguous;
+  return rank_rows_loadable(left) && (rank_rows_loadable(right) || columns_loadable(right));
 }
 
 template <typename T, typename TL, typename TR, bool DROPOUT>
@@ -185,12 +201,14 @@ void launch_expand_wmma(const at::Tensor& c, const at::Tensor& left, const at::T
   p.alpha = static_cast<float>(alpha);
   p.dropout_seed = dropout_seed;
   p.dropout_threshold = dropout_threshold;
+  p.left_vector_rows = rank_rows_vectorizable(left);
+  p.right_vector_rows = rank_rows_vectorizable(right);
   if (p.m == 0 || p.n == 0) return;
   const int64_t tiles_m = (p.m + kTile - 1) / kTile, tiles_n = (p.n + kTile - 1) / kTile;
   LORA_CHECK(tiles_n <= 65535, "lora_ext: output too wide for the launch grid (", p.n, " columns)");
   LORA_CHECK(tiles_m <= std::numeric_limits<int32_t>::max(), "lora_ext: too many rows (", p.m, ")");
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n));
-  const bool rank_contiguous = right.stride(1) == 1 && (p.n <= 1 || right.stride(0) % 8 == 0);
+  const bool rank_contiguous = rank_rows_loadable(right);
   auto launch = [&](auto rpad_tag) {
     constexpr int RPAD = decltype(rpad_tag)::value;
     if (rank_contiguous) {

@@ -39,15 +39,6 @@ inline void mm_float_out(at::Tensor& out, const at::Tensor& left, const at::Tens
   if (alpha != 1.0) out.mul_(alpha);
 }
 
-// The tensor-core expand and token-reduce load ranks 8 at a time. A rank-contiguous (rows × r) operand with
-// r % 8 != 0 gets a zero-padded (rows × ⌈r/8⌉·8) copy: the zero ranks add exact zeros, and the operands are
-// small (adapters, or tokens × r float32), so the copy costs far less than the general kernels it avoids.
-inline at::Tensor pad_ranks_to_8(const at::Tensor& t) {
-  const int64_t rank = t.size(1), padded = (rank + 7) / 8 * 8;
-  if (padded == rank) return t;
-  return at::constant_pad_nd(t, {0, padded - rank}, 0);
-}
-
 // out (tokens × r, float32, contiguous) = alpha · dropout(x)·w_rkᵀ, where w_rk is a (r × K) view.
 template <typename act_t, typename adapter_t>
 void shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, double alpha, const int64_t* dropout_seed,
@@ -101,13 +92,8 @@ template <typename TL, typename TR, typename TC, bool DROPOUT>
 void expand_add_step(const at::Tensor& c, const at::Tensor& left, const at::Tensor& right, double alpha,
                      const int64_t* dropout_seed = nullptr, uint32_t threshold = 0) {
   if constexpr (!std::is_same_v<TC, float>) {
-    if (left.size(1) % 8 != 0 && left.size(1) <= kExpandWmmaMaxRank) {
-      const at::Tensor left_padded = pad_ranks_to_8(left), right_padded = pad_ranks_to_8(right);
-      if (expand_wmma_supported(c, left_padded, right_padded)) {
-        launch_expand_wmma<TC, TL, TR, DROPOUT>(c, left_padded, right_padded, alpha, dropout_seed, threshold);
-        return;
-      }
-    } else if (expand_wmma_supported(c, left, right)) {
+    // Any rank up to 128: r % 8 != 0 is read with zeros past r (lora_expand_wmma.cuh), not copied padded.
+    if (expand_wmma_supported(c, left, right)) {
       launch_expand_wmma<TC, TL, TR, DROPOUT>(c, left, right, alpha, dropout_seed, threshold);
       return;
     }
@@ -130,25 +116,25 @@ void token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tens
       mm_float_out(out, matrix.t(), right.to(matrix.scalar_type()), alpha);
       return;
     }
-    if (rank <= kWmmaMaxRank && rank % 8 == 0) {
+    // Any rank: r % 8 != 0 is read with zeros past r (lora_token_reduce_wmma.cuh), not copied padded.
+    if (rank <= kWmmaMaxRank) {
       if (token_reduce_wmma_supported(matrix, right)) {
         launch_token_reduce_wmma<TM, DROPOUT>(out, matrix, right, alpha, dropout_seed, threshold);
         return;
       }
     } else {
-      // Ranks in chunks of at most 64 (one pass over M each), each zero-padded to a multiple of 8.
+      // Ranks in chunks of at most 64 (one pass over M each), each a contiguous copy of R's columns.
       std::vector<at::Tensor> chunks;
       bool supported = true;
       for (int64_t j0 = 0; j0 < rank && supported; j0 += kWmmaMaxRank) {
-        chunks.push_back(pad_ranks_to_8(right.narrow(1, j0, std::min(kWmmaMaxRank, rank - j0)).contiguous()));
+        chunks.push_back(right.narrow(1, j0, std::min(kWmmaMaxRank, rank - j0)).contiguous());
         supported = token_reduce_wmma_supported(matrix, chunks.back());
       }
       if (supported) {
         for (size_t i = 0; i < chunks.size(); ++i) {
-          const int64_t j0 = static_cast<int64_t>(i) * kWmmaMaxRank, width = std::min(kWmmaMaxRank, rank - j0);
-          at::Tensor part = at::empty({matrix.size(1), chunks[i].size(1)}, out.options());
+          const int64_t j0 = static_cast<int64_t>(i) * kWmmaMaxRank;
+          at::Tensor part = out.narrow(1, j0, chunks[i].size(1));  // launch_token_reduce_wmma copies into it
           launch_token_reduce_wmma<TM, DROPOUT>(part, matrix, chunks[i], alpha, dropout_seed, threshold);
-          out.narrow(1, j0, width).copy_(part.narrow(1, 0, width));
         }
         return;
       }

@@ -4,7 +4,7 @@
 // 16×16×16 MMAs; R (float32, tokens × r) is rounded to M's type as it is staged, as in PEFT's bf16
 // LoRA. Grid: x over 128-column tiles of M, y over token splits. Block: 4 warps, each owning 32
 // columns × all RPAD ranks. Per 32 tokens the block stages M (32 × 128, 16-byte loads, dropout applied)
-// and R (32 × RPAD) in shared memory and each warp accumulates Mᵀ·R. Each split writes float32
+// and R (32 × RPAD, zeros past r) in shared memory and each warp accumulates Mᵀ·R. Each split writes float32
 // partials (splits × C_pad × RPAD) that a fixed-order sum reduces: results repeat bit for bit.
 // Bytes: M read once; R once per column tile; partials 4·splits·C·RPAD.
 #pragma once
@@ -41,6 +41,9 @@ __global__ void __launch_bounds__(128) lora_token_reduce_wmma_kernel(const Token
   const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * p.tokens_per_split;
   const int64_t t_end = min(p.tokens, t_begin + p.tokens_per_split);
   const T* matrix = static_cast<const T*>(p.matrix);
+  // R is contiguous with a 16-byte aligned base (token_reduce_wmma_supported): its rows are 16-byte aligned
+  // exactly when r % 8 == 0; otherwise its ranks are loaded one by one, zeros past r.
+  const bool right_vector_rows = p.rank % 8 == 0;
 
   uint64_t seed = 0;
   if constexpr (DROPOUT) seed = static_cast<uint64_t>(*p.dropout_seed);
@@ -81,7 +84,7 @@ __global__ void __launch_bounds__(128) lora_token_reduce_wmma_kernel(const Token
       const int r = v / (RPAD / 8), j = (v % (RPAD / 8)) * 8;
       const int64_t t = t0 + r;
       uint4 bits = make_uint4(0, 0, 0, 0);
-      if (t < t_end && j < p.rank) bits = load8_as<T>(p.right + t * p.rank + j);
+      if (t < t_end && j < p.rank) bits = load8_ranks_as<T>(p.right + t * p.rank, j, p.rank, right_vector_rows);
       *reinterpret_cast<uint4*>(&right_tile[r][j]) = bits;
     }
     __syncthreads();
@@ -123,7 +126,7 @@ inline bool token_reduce_wmma_supported(const at::Tensor& matrix, const at::Tens
   const auto dtype = matrix.scalar_type();
   if (!(dtype == at::kHalf || dtype == at::kBFloat16)) return false;
   const int64_t rank = right.size(1);
-  if (rank > 64 || rank % 8 != 0 || matrix.size(1) % 8 != 0) return false;
+  if (rank > 64 || matrix.size(1) % 8 != 0) return false;
   if (!right.is_contiguous() || !aligned16(right.data_ptr())) return false;
   return matrix.stride(1) == 1 && (matrix.size(0) <= 1 || matrix.stride(0) % 8 == 0) && aligned16(matrix.data_ptr());
 }

@@ -54,6 +54,31 @@ __device__ __forceinline__ uint4 load8_as(const TSrc* src) {
   }
 }
 
+// The first `count` of eight consecutive elements at `src` as T, zeros after them, by element loads (any
+// alignment): the rows of a rank-contiguous operand with r % 8 != 0, which start on no 16-byte boundary. The zero
+// ranks add exact zeros to the MMAs, so no zero-padded copy of the operand is needed.
+template <typename T, typename TSrc>
+__device__ __forceinline__ uint4 load8_as_partial(const TSrc* src, int count) {
+  Pack8<T> out;
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    if constexpr (std::is_same_v<TSrc, T>) {
+      out.v[q] = q < count ? src[q] : T(0.f);
+    } else {
+      out.v[q] = T(q < count ? src[q] : 0.f);
+    }
+  }
+  return out.bits;
+}
+
+// Eight ranks j … j+7 of a rank-contiguous row as T: one 16-byte load where the rows allow it (r % 8 == 0, rows
+// and base 16-byte aligned: `vector_rows`), element loads with zeros past the rank otherwise.
+template <typename T, typename TSrc>
+__device__ __forceinline__ uint4 load8_ranks_as(const TSrc* row, int64_t j, int64_t rank, bool vector_rows) {
+  if (vector_rows) return load8_as<T>(row + j);
+  return load8_as_partial<T>(row + j, static_cast<int>(rank - j < 8 ? rank - j : 8));
+}
+
 // Eight consecutive elements at a 16-byte aligned address, as float32: one 16-byte load for 16-bit types, two for
 // float32 (shared by the decode, gather and one-launch kernels).
 template <typename T>

@@ -653,6 +653,41 @@ def test_cuda_decode_is_one_launch_on_hopper():
 
 
 @requires_cuda
+@pytest.mark.parametrize("pdl", ["1", "0"], ids=["dependent-launch", "stream-order"])
+def test_cuda_decode_reads_y_only_after_the_gemm(monkeypatch, pdl):
+    """On Hopper the decoding kernel is launched as the base GEMM's programmatic dependent (LORA_EXT_PDL, on by
+    default): it may start before the GEMM ends and must read y and the scalings only after it. Operands that need a
+    copy first (float64 scalings, strided ids) are copied before the GEMM. Eager and graph results match the float64
+    reference and are bit for bit those of ready operands, with the dependent launch on and off."""
+    monkeypatch.setenv("LORA_EXT_PDL", pdl)
+    torch.manual_seed(6)
+    in_f, out_f, dtype, tokens = 2048, 2056, torch.bfloat16, 48
+    A, B, s = make_stack([16, 8, 16, 16], in_f, out_f, dtype, "cuda")
+    weight, bias = make_base(in_f, out_f, dtype, "cuda")
+    x = make_x(tokens, in_f, dtype, "cuda")
+    ids = torch.randint(-1, 4, (tokens,), device="cuda")
+    strided_ids = torch.stack([ids, torch.zeros_like(ids)], dim=1)[:, 0]
+    assert not strided_ids.is_contiguous()
+    y = run_op(x, weight, bias, A, B, s.double(), strided_ids)
+    assert_rel_close(y, reference_by_slot(x, weight, bias, A, B, s, ids), dtype)
+    assert_bit_identical(y, run_op(x, weight, bias, A, B, s, ids), "ready operands")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run_op(x, weight, bias, A, B, s, ids)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = run_op(x, weight, bias, A, B, s, ids)
+    for _ in range(3):  # replays back to back: each one's kernel waits for its own GEMM
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_bit_identical(y_graph, run_op(x, weight, bias, A, B, s, ids), "graph replay")
+
+
+@requires_cuda
 @pytest.mark.parametrize("case", ["rank 12 (no 8-rank vectors)", "float32 x, prefill", "rank 80 (general)",
                                   "in 1000 out 1000 tiles", "strided x", "rows not 16-byte aligned (general)"])
 def test_cuda_path_edges(case):

@@ -1,5 +1,6 @@
 // cp.async: 16 bytes from global to shared memory without a trip through registers (sm_80+), shared by the exact
-// merge (merge_exact.cu) and the one-launch decoding kernel (lora_decode_gemv.cuh).
+// merge (merge_exact.cu) and the one-launch decoding kernel (lora_decode_gemv.cuh); and the wait of a
+// programmatically dependent launch, for the multi-adapter decoding kernel (multi_lora_gather.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,6 +28,16 @@ __device__ __forceinline__ void copy_async_commit() {
 __device__ __forceinline__ void copy_async_wait_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// Programmatic dependent launch (sm_90+). A kernel launched with cudaLaunchAttributeProgrammaticStreamSerialization
+// may start before the kernel ahead of it in the stream has finished (once that kernel's blocks have all exited or
+// signalled); this waits until that kernel has completed and its writes are visible. Anything the kernel ahead may
+// write must be read after it. Without the attribute it returns at once.
+__device__ __forceinline__ void wait_for_preceding_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
 

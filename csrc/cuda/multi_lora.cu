@@ -1,7 +1,7 @@
 // CUDA kernels of lora_ext::multi_lora_forward (multi-adapter batches, inference): each token names its
 // adapter slot.
 //
-// y = x·Wᵀ + b comes from cuBLAS (at::linear); then two launches add s[a]·(x·A[a]ᵀ)·B[a]ᵀ. Every kernel reads
+// y = x·Wᵀ + b comes from cuBLAS (at::linear); then one or two launches add s[a]·(x·A[a]ᵀ)·B[a]ᵀ. Every kernel reads
 // the ids on the device (no host sync, no sorting, no per-batch metadata: CUDA graphs capture the call) and
 // touches only the slots the tokens name, so the cost does not depend on how many adapters are loaded. Ids
 // outside [-1, n) are treated as -1 (the base layer alone): checking them would need a sync.
@@ -11,7 +11,7 @@
 //           (prefill: runs of tokens sharing an adapter, Punica's SGMV shape);
 //   gather  (multi_lora_gather.cuh) few tokens, or float32 x: per-token shrink split over the in-dimension, and
 //           a per-token expand (decoding, Punica's BGMV shape); on Hopper, up to kGatherMaxTokens tokens, both in
-//           one launch with a cluster of 8 blocks per token;
+//           one launch with a cluster of 8 blocks per token, launched as the base GEMM's programmatic dependent;
 //   general (below) any shape or stride: one block per token for the shrink, a per-token expand.
 // The tiles and gather paths write the shrink's partial sums per k-split and the expand adds them in a fixed
 // order: no atomics, repeated calls give the same bits.
@@ -22,6 +22,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 
 #include "../checks.h"
@@ -129,10 +131,17 @@ std::pair<int64_t, int64_t> split_in_dimension(int64_t blocks, int64_t units, in
   return {(units + per_split - 1) / per_split, per_split};
 }
 
+// LORA_EXT_PDL=0 launches the decoding cluster kernel as an ordinary stream successor of the base GEMM (a benchmark
+// compares both in one process).
+bool dependent_launch_enabled() {
+  const char* setting = std::getenv("LORA_EXT_PDL");
+  return setting == nullptr || std::strcmp(setting, "0") != 0;
+}
+
 // Decoding on Hopper: shrink and expand in one clustered launch (multi_lora_gather_cluster_kernel), or false where
 // this GPU or build cannot run it (the two gather kernels then serve).
 template <typename T, typename TW, typename IdT>
-bool launch_gather_cluster(const MultiLoraParams& p) {
+bool launch_gather_cluster(MultiLoraParams p) {
   if (p.tokens > kGatherMaxTokens) return false;
   bool launched = false;
   dispatch_rank_pad(p.rank, [&](auto rpad_tag) {
@@ -142,10 +151,14 @@ bool launch_gather_cluster(const MultiLoraParams& p) {
       config.gridDim = dim3(kGatherClusterBlocks, static_cast<unsigned>(p.tokens));  // a cluster per token
       config.blockDim = dim3(kGatherClusterThreads);
       config.stream = at::cuda::getCurrentCUDAStream();
-      cudaLaunchAttribute cluster = cluster_along_x(kGatherClusterBlocks);
-      config.attrs = &cluster;
+      // Launched as the base GEMM's programmatic dependent: its launch and its shrink (x and A[a] only) overlap the
+      // GEMM's end, and it waits for the GEMM before reading y (multi_lora_forward_cuda launches nothing in between).
+      cudaLaunchAttribute attributes[2] = {cluster_along_x(kGatherClusterBlocks), programmatic_stream_serialization()};
+      config.attrs = attributes;
       config.numAttrs = 1;
       if (!cluster_decode_usable(kernel, config)) return;
+      p.dependent_launch = dependent_launch_enabled();
+      if (p.dependent_launch) config.numAttrs = 2;
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
       launched = true;
     };
@@ -240,14 +253,16 @@ at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight
       check_multi_lora_inputs(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids, op);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const NvtxRange range(op);
-  at::Tensor y = at::linear(x, weight, bias).contiguous();
-  if (d.tokens == 0 || d.max_rank == 0 || d.out_features == 0) return y;  // nothing to add (and no empty grids)
   LORA_CHECK(d.tokens <= INT32_MAX, op, ": at most 2^31 - 1 tokens per call, got ", d.tokens);
   LORA_CHECK(d.adapters <= INT32_MAX, op, ": at most 2^31 - 1 adapter slots, got ", d.adapters);
+  // Operands prepared before the base GEMM (usually no copies at all), so that the GEMM is the last launch before
+  // the low-rank kernels: the decoding cluster kernel may start before it ends (launch_gather_cluster).
   const at::Tensor x_c = x.stride(1) == 1 ? x : x.contiguous();
   const at::Tensor A = lora_A_stack.contiguous(), B = lora_B_stack.contiguous();
   const at::Tensor ids = adapter_ids.contiguous();
   const at::Tensor scale = scalings.to(at::kFloat).contiguous();  // a device op: no sync
+  at::Tensor y = at::linear(x, weight, bias).contiguous();
+  if (d.tokens == 0 || d.max_rank == 0 || d.out_features == 0) return y;  // nothing to add (and no empty grids)
 
   // 16-byte vectors of x rows, A rows, B rows (of 8 ranks) and y rows.
   const bool vectors = d.in_features > 0 && d.in_features % 8 == 0 && d.out_features % 8 == 0 && d.max_rank <= 64 &&

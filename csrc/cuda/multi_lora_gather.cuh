@@ -23,6 +23,7 @@
 #include <climits>
 #include <cooperative_groups.h>
 
+#include "async_copy.cuh"
 #include "wmma_tiles.cuh"
 
 namespace lora_ext {
@@ -40,6 +41,7 @@ struct MultiLoraParams {
   int64_t tokens, in, out, adapters, rank;
   int64_t splits;
   int64_t split_size;  // per k-split: 8-vectors of the in-dimension (gather) or 64-wide chunks (tiles)
+  bool dependent_launch;  // the cluster kernel was launched as the base GEMM's programmatic dependent
 };
 
 constexpr int kNoSlot = INT_MAX;
@@ -214,25 +216,34 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   cg::cluster_group cluster = cg::this_cluster();
   const int part = static_cast<int>(cluster.block_rank());
   const int64_t t = blockIdx.y;
+  const int64_t vectors = p.in / 8, v_begin = vectors * part / kGatherClusterBlocks;
+  const int64_t v_end = vectors * (part + 1) / kGatherClusterBlocks;
+  const T* x_row = static_cast<const T*>(p.x) + t * p.x_stride;
   const int a = slot_of<IdT>(p.ids, t, p.adapters);
   if (a < 0) return;  // the whole cluster (one token) leaves together, before any cluster barrier
 
-  // The first of this thread's 8-column groups of y is loaded first: its latency overlaps the reduction.
   const int64_t out_vectors = p.out / 8;
   const int64_t ov_first = out_vectors * part / kGatherClusterBlocks + threadIdx.x;
   const int64_t ov_end = out_vectors * (part + 1) / kGatherClusterBlocks;
+  const TW* B_slot = static_cast<const TW*>(p.lora_B) + static_cast<int64_t>(a) * p.out * p.rank;
   T* y_row = static_cast<T*>(p.y) + t * p.out;
   float yv[8];
-  if (ov_first < ov_end) load8_float(y_row + 8 * ov_first, yv);
+  // Not a dependent launch: the first of this thread's 8-column groups of y is loaded first, its latency
+  // overlapping the shrink and the reduction.
+  if (!p.dependent_launch && ov_first < ov_end) load8_float(y_row + 8 * ov_first, yv);
 
-  const int64_t vectors = p.in / 8;
   float acc[RPAD];
 #pragma unroll
   for (int j = 0; j < RPAD; ++j) acc[j] = 0.f;
-  gather_shrink_range<T, TW, RPAD>(acc, static_cast<const T*>(p.x) + t * p.x_stride,
-                                   static_cast<const TW*>(p.lora_A) + static_cast<int64_t>(a) * p.rank * p.in,
-                                   p.rank, p.in, vectors * part / kGatherClusterBlocks,
-                                   vectors * (part + 1) / kGatherClusterBlocks, threadIdx.x, kGatherClusterThreads);
+  gather_shrink_range<T, TW, RPAD>(acc, x_row, static_cast<const TW*>(p.lora_A) + static_cast<int64_t>(a) * p.rank * p.in,
+                                   p.rank, p.in, v_begin, v_end, threadIdx.x, kGatherClusterThreads);
+
+  // A dependent launch: y (and the scalings) may come from the kernel just ahead (the base GEMM), so they are read
+  // only after it (multi_lora.cu); the first y load then overlaps the reduction alone.
+  if (p.dependent_launch) {
+    wait_for_preceding_kernel();
+    if (ov_first < ov_end) load8_float(y_row + 8 * ov_first, yv);
+  }
   block_sum_ranks<RPAD, kWarps>(acc, warp_sums, block_partial, p.rank);
   cluster.sync();
   for (int j = threadIdx.x; j < RPAD; j += kGatherClusterThreads) {
@@ -246,7 +257,6 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   cluster.sync();  // xa complete; no block leaves while another still reads its partial
 
   // This block's eighth of y's columns, 8 consecutive columns per thread.
-  const TW* B_slot = static_cast<const TW*>(p.lora_B) + static_cast<int64_t>(a) * p.out * p.rank;
   const float s = p.scalings[a];
   for (int64_t ov = ov_first; ov < ov_end; ov += kGatherClusterThreads) {
     if (ov != ov_first) load8_float(y_row + 8 * ov, yv);

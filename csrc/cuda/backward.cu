@@ -29,9 +29,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
 
   const auto float_options = x.options().dtype(at::kFloat);
   at::Tensor grad_activation = at::empty({dims.tokens, dims.rank}, float_options);
-  at::Tensor grad_B_float = at::empty({dims.out_features, dims.rank}, float_options);
-  // dA is computed transposed, (in, r): the token reduction writes one row per feature.
-  at::Tensor grad_A_t_float = at::empty({dims.in_features, dims.rank}, float_options);
+  // The adapter gradients in the adapters' dtype, written by the token reductions' last step (summed in float32,
+  // rounded once). dA is computed transposed, through the (in × r) view of an (r × in) tensor: the reduction runs
+  // over x's columns.
+  const auto adapter_options = lora_A.options();
+  at::Tensor grad_B = at::empty({dims.out_features, dims.rank}, adapter_options);
+  at::Tensor grad_A = at::empty({dims.rank, dims.in_features}, adapter_options);
+  at::Tensor grad_A_t = grad_A.t();
   at::Tensor grad_x = compute_grad_x ? at::matmul(grad_y, weight) : at::empty({0}, x.options());
   const at::Tensor activation = lora_activation.contiguous();
   const int64_t* seed = dropout_p > 0.0 ? dropout_seed->data_ptr<int64_t>() : nullptr;
@@ -55,12 +59,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
       shrink<act_t, adapter_t>(grad_activation, grad_y, lora_B_t, scaling, nullptr, 0);
     }
     // dB[o, j] = s · Σ_t dy[t, o] · xa[t, j]
-    token_reduce_step<act_t, false>(grad_B_float, grad_y, activation, scaling);
+    token_reduce_step<act_t, false>(grad_B, grad_y, activation, scaling);
     // dAᵀ[k, j] = Σ_t dropout(x)[t, k] · dxa[t, j]
     if (seed != nullptr) {
-      token_reduce_step<act_t, true>(grad_A_t_float, x, grad_activation, keep_scale, seed, threshold);
+      token_reduce_step<act_t, true>(grad_A_t, x, grad_activation, keep_scale, seed, threshold);
     } else {
-      token_reduce_step<act_t, false>(grad_A_t_float, x, grad_activation, keep_scale);
+      token_reduce_step<act_t, false>(grad_A_t, x, grad_activation, keep_scale);
     }
     if (compute_grad_x && dims.tokens > 0) {
       // dx[t, k] += keep[t, k]/(1−p) · Σ_j dxa[t, j] · A[j, k]
@@ -71,8 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
       }
     }
   });
-  const auto adapter_dtype = lora_A.scalar_type();
-  return {grad_x, grad_A_t_float.t().to(adapter_dtype).contiguous(), grad_B_float.to(adapter_dtype)};
+  return {grad_x, grad_A, grad_B};
 }
 
 }  // namespace

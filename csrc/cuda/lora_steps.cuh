@@ -101,7 +101,22 @@ void expand_add_step(const at::Tensor& c, const at::Tensor& left, const at::Tens
   expand_add<TL, TR, TC, DROPOUT>(c, left, right, alpha, dropout_seed, threshold);
 }
 
-// out (C × r, float32, contiguous) = alpha · Σ_t keep · matrix[t, :]ᵀ right[t, :].
+// Runs `compute` on a float32 contiguous (rows × r) tensor: `out` itself when it is one, else a temporary copied into
+// out afterwards (one rounding to out's type).
+template <typename Compute>
+void into_float_contiguous(at::Tensor& out, Compute&& compute) {
+  if (out.scalar_type() == at::kFloat && out.is_contiguous()) {
+    compute(out);
+    return;
+  }
+  at::Tensor temporary = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+  compute(temporary);
+  out.copy_(temporary);
+}
+
+// out (C × r; float32, float16 or bfloat16; any strides) = alpha · Σ_t keep · matrix[t, :]ᵀ right[t, :], summed in
+// float32 and rounded once to out's type. The tensor-core path writes out directly (its partial sums are added by a
+// kernel that also casts and transposes), so the backward passes the adapters' gradients themselves.
 template <typename TM, bool DROPOUT>
 void token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tensor& right, double alpha,
                        const int64_t* dropout_seed = nullptr, uint32_t threshold = 0) {
@@ -113,7 +128,9 @@ void token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tens
     const int64_t rank = right.size(1);
     if (!DROPOUT && rank >= kCublasMinRank && matrix.size(0) >= kShrinkWmmaMinTokens) {
       // R rounded to M's type, as our kernels do when staging it (PEFT's bf16 LoRA rounds it too).
-      mm_float_out(out, matrix.t(), right.to(matrix.scalar_type()), alpha);
+      into_float_contiguous(out, [&](at::Tensor& result) {
+        mm_float_out(result, matrix.t(), right.to(matrix.scalar_type()), alpha);
+      });
       return;
     }
     // Any rank: r % 8 != 0 is read with zeros past r (lora_token_reduce_wmma.cuh), not copied padded.
@@ -133,14 +150,16 @@ void token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tens
       if (supported) {
         for (size_t i = 0; i < chunks.size(); ++i) {
           const int64_t j0 = static_cast<int64_t>(i) * kWmmaMaxRank;
-          at::Tensor part = out.narrow(1, j0, chunks[i].size(1));  // launch_token_reduce_wmma copies into it
+          at::Tensor part = out.narrow(1, j0, chunks[i].size(1));  // launch_token_reduce_wmma writes into it
           launch_token_reduce_wmma<TM, DROPOUT>(part, matrix, chunks[i], alpha, dropout_seed, threshold);
         }
         return;
       }
     }
   }
-  token_reduce<TM, DROPOUT>(out, matrix, right, alpha, dropout_seed, threshold);
+  into_float_contiguous(out, [&](at::Tensor& result) {
+    token_reduce<TM, DROPOUT>(result, matrix, right, alpha, dropout_seed, threshold);
+  });
 }
 
 }  // namespace cuda

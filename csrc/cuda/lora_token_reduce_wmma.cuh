@@ -5,12 +5,15 @@
 // LoRA. Grid: x over 128-column tiles of M, y over token splits. Block: 4 warps, each owning 32
 // columns × all RPAD ranks. Per 32 tokens the block stages M (32 × 128, 16-byte loads, dropout applied)
 // and R (32 × RPAD, zeros past r) in shared memory and each warp accumulates Mᵀ·R. Each split writes float32
-// partials (splits × C_pad × RPAD) that a fixed-order sum reduces: results repeat bit for bit.
-// Bytes: M read once; R once per column tile; partials 4·splits·C·RPAD.
+// partials (splits × C_pad × RPAD) that a second, small kernel adds in a fixed order (results repeat bit for bit)
+// and writes straight into the caller's output, in its dtype and layout (dB as (out × r), dA as Aᵀ's (in × r)
+// view of an (r × in) tensor): no sum, narrow-copy, cast and transpose launches after it.
+// Bytes: M read once; R once per column tile; partials 4·splits·C·RPAD, written once and read once.
 #pragma once
 
 #include "../error_message.h"
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <mma.h>
@@ -122,6 +125,34 @@ __global__ void __launch_bounds__(128) lora_token_reduce_wmma_kernel(const Token
   }
 }
 
+// out[c, j] = Σ_s partials[s][c][j] (s in order), rounded once to out's type; out (C × r, r ≤ 64) with any strides.
+// A block takes 32 columns: it sums their partials rank-fastest (the partial rows are contiguous) into shared memory,
+// then writes out along out's unit-stride dimension (ranks for dB's (out × r), columns for the transposed (in × r)
+// view of dA), so both the reads and the writes coalesce.
+constexpr int kFinalizeColumns = 32;
+template <typename TOut>
+__global__ void __launch_bounds__(256)
+    finalize_token_reduce_kernel(const float* __restrict__ partials, int64_t splits, int64_t columns,
+                                 int64_t columns_padded, int rank, int rpad, TOut* out, int64_t out_stride_c,
+                                 int64_t out_stride_j, bool columns_fastest) {
+  __shared__ float sums[kFinalizeColumns][64 + 1];
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kFinalizeColumns;
+  const int width = columns - c0 < kFinalizeColumns ? static_cast<int>(columns - c0) : kFinalizeColumns;
+  const int64_t split_stride = columns_padded * rpad;
+  for (int i = threadIdx.x; i < width * rank; i += blockDim.x) {
+    const int c = i / rank, j = i % rank;
+    const float* source = partials + (c0 + c) * rpad + j;
+    float sum = 0.f;
+    for (int64_t split = 0; split < splits; ++split) sum += source[split * split_stride];
+    sums[c][j] = sum;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < width * rank; i += blockDim.x) {
+    const int c = columns_fastest ? i % width : i / rank, j = columns_fastest ? i / width : i % rank;
+    out[(c0 + c) * out_stride_c + j * out_stride_j] = static_cast<TOut>(sums[c][j]);
+  }
+}
+
 inline bool token_reduce_wmma_supported(const at::Tensor& matrix, const at::Tensor& right) {
   const auto dtype = matrix.scalar_type();
   if (!(dtype == at::kHalf || dtype == at::kBFloat16)) return false;
@@ -131,7 +162,7 @@ inline bool token_reduce_wmma_supported(const at::Tensor& matrix, const at::Tens
   return matrix.stride(1) == 1 && (matrix.size(0) <= 1 || matrix.stride(0) % 8 == 0) && aligned16(matrix.data_ptr());
 }
 
-// out (C × r, float32, contiguous) = alpha · Σ_t keep · M[t, :]ᵀ R[t, :].
+// out (C × r: float32, float16 or bfloat16, any strides) = alpha · Σ_t keep · M[t, :]ᵀ R[t, :], rounded once.
 template <typename T, bool DROPOUT>
 void launch_token_reduce_wmma(at::Tensor& out, const at::Tensor& matrix, const at::Tensor& right, double alpha,
                               const int64_t* dropout_seed, uint32_t dropout_threshold) {
@@ -146,7 +177,7 @@ void launch_token_reduce_wmma(at::Tensor& out, const at::Tensor& matrix, const a
   splits = (tokens + tokens_per_split - 1) / tokens_per_split;
   LORA_CHECK(column_tiles <= std::numeric_limits<int32_t>::max(), "lora_ext: too many features (", columns, ")");
 
-  at::Tensor partials = at::empty({splits, column_tiles * kCols, rpad}, out.options());
+  at::Tensor partials = at::empty({splits, column_tiles * kCols, rpad}, out.options().dtype(at::kFloat));
   TokenReduceParams p{};
   p.matrix = matrix.data_ptr();
   p.matrix_stride_t = matrix.stride(0);
@@ -173,8 +204,16 @@ void launch_token_reduce_wmma(at::Tensor& out, const at::Tensor& matrix, const a
   } else {
     launch(std::integral_constant<int, 64>{});
   }
-  const at::Tensor summed = splits == 1 ? partials[0] : partials.sum(0);
-  out.copy_(summed.narrow(0, 0, columns).narrow(1, 0, rank));
+  if (columns == 0 || rank == 0) return;
+  const bool columns_fastest = out.stride(0) == 1 && out.stride(1) != 1;
+  const int64_t blocks = (columns + kFinalizeColumns - 1) / kFinalizeColumns;
+  LORA_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "lora_ext: too many features (", columns, ")");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "finalize_token_reduce", [&] {
+    finalize_token_reduce_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+        partials.data_ptr<float>(), splits, columns, column_tiles * kCols, static_cast<int>(rank),
+        static_cast<int>(rpad), out.data_ptr<scalar_t>(), out.stride(0), out.stride(1), columns_fastest);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace cuda

@@ -16,13 +16,14 @@ from torch.profiler import ProfilerActivity, profile
 import lora_ext
 
 
-def training_step(rank, tokens=8192, width=4096, dropout=0.0):
-    layer = lora_ext.LoRALinear(width, width, r=rank, alpha=2 * rank, dropout=dropout, device="cuda",
+def training_step(rank, tokens=8192, width=4096, dropout=0.0, out=None):
+    out = out or width
+    layer = lora_ext.LoRALinear(width, out, r=rank, alpha=2 * rank, dropout=dropout, device="cuda",
                                 dtype=torch.bfloat16)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.01)
     x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(tokens, out, device="cuda", dtype=torch.bfloat16)
 
     params = [p for p in layer.parameters() if p.requires_grad]
 
@@ -82,6 +83,7 @@ CASES = {
     "fwd_bwd_r4": lambda: training_step(4),
     "fwd_bwd_r16": lambda: training_step(16),
     "fwd_bwd_r16_dropout": lambda: training_step(16, dropout=0.05),
+    "fwd_bwd_out11008": lambda: training_step(16, out=11008),
     "fwd_bwd_r32": lambda: training_step(32),
     "fwd_bwd_r64": lambda: training_step(64),
     "fwd_bwd_r128": lambda: training_step(128),

@@ -68,17 +68,24 @@ def test_kernel_path_unaligned_or_strided_x(layout, tokens):
     _check_backward(x, *params, 0.3)
 
 
+@pytest.mark.parametrize("a_layout", ["transposed", "offset-columns"])
 @pytest.mark.parametrize("rank", [4, 12, 16])
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
-def test_kernel_path_adapter_views(rank, adapter_dtype):
-    """Adapters given as views (B a column slice at an element offset, A the transpose of an (in × r) tensor) take
-    the tensor-core expand and token reduction with rows on no 16-byte boundary, and stay exact."""
+def test_kernel_path_adapter_views(rank, adapter_dtype, a_layout):
+    """Adapters given as views take the tensor-core expand and token reduction and stay exact: B a column slice at
+    an element offset (rows on no 16-byte boundary), A the transpose of an (in × r) tensor or a column slice at an
+    element offset (which neither of the expand's loaders reads: it gets a contiguous copy)."""
     tokens, in_features, out_features = 520, 256, 136
     x = make_x(tokens, in_features, torch.bfloat16, "cuda")
     weight, bias, lora_A, lora_B = make_params(in_features, out_features, rank, torch.bfloat16, adapter_dtype, "cuda")
     wide_B = torch.randn(out_features, rank + 3, device="cuda").to(adapter_dtype)
     wide_B[:, 1 : rank + 1] = lora_B
     lora_B_view = wide_B[:, 1 : rank + 1]
-    lora_A_view = lora_A.t().contiguous().t()
+    if a_layout == "transposed":
+        lora_A_view = lora_A.t().contiguous().t()
+    else:
+        wide_A = torch.randn(rank, in_features + 1, device="cuda").to(adapter_dtype)
+        wide_A[:, 1:] = lora_A
+        lora_A_view = wide_A[:, 1:]
     assert not lora_B_view.is_contiguous() and not lora_A_view.is_contiguous()
     _check_backward(x, weight, bias, lora_A_view, lora_B_view, 0.3)

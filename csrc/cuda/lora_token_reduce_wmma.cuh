@@ -168,6 +168,11 @@ void launch_token_reduce_wmma(at::Tensor& out, const at::Tensor& matrix, const a
                               const int64_t* dropout_seed, uint32_t dropout_threshold) {
   using namespace token_reduce_wmma_detail;
   const int64_t tokens = matrix.size(0), columns = matrix.size(1), rank = right.size(1);
+  if (columns == 0 || rank == 0) return;  // nothing to write (and no empty grids)
+  if (tokens == 0) {
+    out.zero_();
+    return;
+  }
   const int64_t rpad = rank <= 16 ? 16 : rank <= 32 ? 32 : 64;
   const int64_t column_tiles = (columns + kCols - 1) / kCols;
   const int64_t wanted_blocks = 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -204,7 +209,6 @@ void launch_token_reduce_wmma(at::Tensor& out, const at::Tensor& matrix, const a
   } else {
     launch(std::integral_constant<int, 64>{});
   }
-  if (columns == 0 || rank == 0) return;
   const bool columns_fastest = out.stride(0) == 1 && out.stride(1) != 1;
   const int64_t blocks = (columns + kFinalizeColumns - 1) / kFinalizeColumns;
   LORA_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "lora_ext: too many features (", columns, ")");

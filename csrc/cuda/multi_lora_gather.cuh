@@ -239,7 +239,10 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
                                    p.rank, p.in, v_begin, v_end, threadIdx.x, kGatherClusterThreads);
 
   // A dependent launch: y (and the scalings) may come from the kernel just ahead (the base GEMM), so they are read
-  // only after it (multi_lora.cu); the first y load then overlaps the reduction alone.
+  // only after it (multi_lora.cu); the first y load then overlaps the reduction alone. The id, x and A[a], read
+  // above, were written before the GEMM started: an ordinary launch (ATen's cuBLAS call) starts only once all
+  // earlier work is done. Were the GEMM itself a programmatic dependent that released its successor before its
+  // own wait, those reads would need to move below this wait too.
   if (p.dependent_launch) {
     wait_for_preceding_kernel();
     if (ov_first < ov_end) load8_float(y_row + 8 * ov_first, yv);

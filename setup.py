@@ -111,7 +111,10 @@ def make_extension():
     # Our code builds warning-free under -Wall -Wextra; torch's and CUDA's headers are passed again as
     # system includes (-isystem wins over the -I torch adds for the same folders), which silences only them.
     torch_includes = cpp_extension.include_paths()
-    cxx_flags = ["-O3", "-Wall", "-Wextra", *[f"-isystem{path}" for path in torch_includes]]
+    # -ffp-contract=off: the exact merge predicts on the CPU what its unmerge will compute, element by element
+    # (csrc/cpu/merge_exact_cpu.cpp); a fused multiply-add in one loop and not the other would break that on targets
+    # where FMA is in the base instruction set (aarch64).
+    cxx_flags = ["-O3", "-ffp-contract=off", "-Wall", "-Wextra", *[f"-isystem{path}" for path in torch_includes]]
     if reason is not None:
         warn(f"building the CPU kernels only ({reason}); lora_ext will run on the CPU.")
         return cpp_extension.CppExtension("lora_ext._C", sources, extra_compile_args={"cxx": cxx_flags})

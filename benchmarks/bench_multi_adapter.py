@@ -65,8 +65,9 @@ def median_ms(fn, on_gpu):
     return sorted(times)[len(times) // 2]
 
 
-def graph_ms(fn):
-    """Time the replay of fn captured in a CUDA graph."""
+def graphed(fn):
+    """fn captured once in a CUDA graph (after warm-up calls on a side stream); returns the replay. Also used by
+    decode_ab.py."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -76,7 +77,12 @@ def graph_ms(fn):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return median_ms(graph.replay, True)
+    return graph.replay
+
+
+def graph_ms(fn):
+    """Time the replay of fn captured in a CUDA graph."""
+    return median_ms(graphed(fn), True)
 
 
 def build(loaded, width, rank, dtype, device):

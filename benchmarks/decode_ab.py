@@ -17,7 +17,8 @@ import torch
 from triton.testing import do_bench
 
 import lora_ext
-from kernel_breakdown import profiled  # this folder is the script's own, first on sys.path
+from bench_multi_adapter import graphed  # this folder is the script's own, first on sys.path
+from kernel_breakdown import profiled
 
 
 def with_path(enabled, function):
@@ -25,20 +26,6 @@ def with_path(enabled, function):
         os.environ["LORA_EXT_DECODE_GEMV"] = "1" if enabled else "0"
         return function()
     return call
-
-
-def graphed(function):
-    """The call captured once in a CUDA graph; replaying it costs one graph launch of host time."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        function()
-    return graph.replay
 
 
 def main():

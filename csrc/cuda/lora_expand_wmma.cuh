@@ -168,8 +168,9 @@ inline bool columns_loadable(const at::Tensor& t) {
   return t.stride(0) == 1 && t.stride(1) % 8 == 0 && aligned16(t.data_ptr());
 }
 
-// Whether the tensor-core expand can take these operands (else lora_expand.cuh's kernel runs).
-inline bool expand_wmma_supported(const at::Tensor& c, const at::Tensor& left, const at::Tensor& right) {
+// Whether the tensor-core expand can take this output, rank and these operand dtypes, whatever the operands'
+// layouts (a caller may copy operands it cannot read; that pays only when this holds).
+inline bool expand_wmma_output_supported(const at::Tensor& c, const at::Tensor& left, const at::Tensor& right) {
   const auto dtype = c.scalar_type();
   if (!(dtype == at::kHalf || dtype == at::kBFloat16)) return false;
   for (const at::Tensor* t : {&left, &right}) {
@@ -177,8 +178,13 @@ inline bool expand_wmma_supported(const at::Tensor& c, const at::Tensor& left, c
   }
   const int64_t rank = left.size(1), m = c.size(0), n = c.size(1);
   if (rank > kExpandWmmaMaxRank || n % 8 != 0) return false;
-  if (c.stride(1) != 1 || (m > 1 && c.stride(0) % 8 != 0) || !aligned16(c.data_ptr())) return false;
-  return rank_rows_loadable(left) && (rank_rows_loadable(right) || columns_loadable(right));
+  return c.stride(1) == 1 && (m <= 1 || c.stride(0) % 8 == 0) && aligned16(c.data_ptr());
+}
+
+// Whether the tensor-core expand can take these operands (else lora_expand.cuh's kernel runs).
+inline bool expand_wmma_supported(const at::Tensor& c, const at::Tensor& left, const at::Tensor& right) {
+  return expand_wmma_output_supported(c, left, right) && rank_rows_loadable(left) &&
+         (rank_rows_loadable(right) || columns_loadable(right));
 }
 
 template <typename T, typename TL, typename TR, bool DROPOUT>

@@ -98,11 +98,14 @@ void expand_add_step(const at::Tensor& c, const at::Tensor& left, const at::Tens
       return;
     }
     // Operand views neither loader can read (e.g. an adapter sliced at an odd offset): contiguous copies of these
-    // small operands cost far less than the general kernel.
-    const at::Tensor left_copy = left.contiguous(), right_copy = right.contiguous();
-    if ((!left_copy.is_same(left) || !right_copy.is_same(right)) && expand_wmma_supported(c, left_copy, right_copy)) {
-      launch_expand_wmma<TC, TL, TR, DROPOUT>(c, left_copy, right_copy, alpha, dropout_seed, threshold);
-      return;
+    // small operands cost far less than the general kernel. Made only where the output suits the kernel, so the
+    // general kernel's callers (out % 8 != 0, …) pay no copies they would not use.
+    if (expand_wmma_output_supported(c, left, right)) {
+      const at::Tensor left_copy = left.contiguous(), right_copy = right.contiguous();
+      if (expand_wmma_supported(c, left_copy, right_copy)) {
+        launch_expand_wmma<TC, TL, TR, DROPOUT>(c, left_copy, right_copy, alpha, dropout_seed, threshold);
+        return;
+      }
     }
   }
   expand_add<TL, TR, TC, DROPOUT>(c, left, right, alpha, dropout_seed, threshold);

@@ -102,11 +102,6 @@ __device__ __forceinline__ uint32_t pack_pair(float first, float second) {
   return word;
 }
 
-// words[index] for a run-time index, without an indexed register array (which would go to local memory).
-__device__ __forceinline__ uint32_t select4(int index, uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
-  return index == 0 ? w0 : index == 1 ? w1 : index == 2 ? w2 : w3;
-}
-
 // A consumer warpgroup is done reading a stage: tell both blocks' producers (each refills part of it).
 __device__ __forceinline__ void release_stage(uint64_t* empty_barrier) {
   for (uint32_t block = 0; block < kClusterBlocks; ++block) sm90::mbarrier_arrive_cluster(empty_barrier, block);
@@ -220,16 +215,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Epilogue. Accumulator layout of m64n256: thread (warp w, lane l) holds, for each 8-column block j,
       // rows 16w + l/4 (+8) and columns 8j + 2(l%4) (+1) in acc[4j .. 4j+3]. The rows go out through the copy
       // engine, so the next tile's MMAs start while they are written (storing straight from the registers cost
-      // 37 µs of the 8192 × 4096 GEMM, docs/perf-notes.md v8): each quad of lanes (same rows) transposes its
-      // 16-column chunk by shuffles so that every lane holds 16 contiguous bytes, the warpgroup writes half of
-      // its 64 × 256 rows into its staging buffer (swizzled as the output map expects), and one thread issues
-      // the stores.
-      const int warp = thread / 32, lane = thread % 32, quad_lane = lane % 4;
-      const int local_row = warp * 16 + lane / 4 + (quad_lane / 2) * 8;  // this lane's row after the transpose
+      // 37 µs of the 8192 × 4096 GEMM, docs/perf-notes.md v8): the warpgroup writes half of its 64 × 256 rows at a
+      // time into its staging buffer (swizzled as the output map expects) with stmatrix, which takes the
+      // accumulators' layout as it is (the shuffle transposes it replaced made the epilogue 14% of the consumers'
+      // time, v11), and one thread issues the stores.
+      const int warp = thread / 32, lane = thread % 32;
+      // stmatrix: lane l addresses row l % 8 of matrix l / 8; per 16-column chunk the matrices are (rows 0–7,
+      // columns 0–7), (rows 8–15, columns 0–7), (rows 0–7, columns 8–15), (rows 8–15, columns 8–15) of the warp's
+      // 16 rows.
+      const int matrix = lane / 8;
+      const int local_row = warp * 16 + (matrix & 1) * 8 + lane % 8;  // the row this lane addresses
+      const int matrix_half = matrix >> 1;                             // its 8-column half of each chunk
       const int64_t row0 = m0 + consumer * 64;
       unsigned char* staging = out_staging + consumer * kOutStagingBytes;
       constexpr int kOutBoxColumns = 64, kOutBoxBytes = 64 * kOutBoxColumns * 2;  // 8 KB boxes
       const uint32_t barrier_id = 1 + consumer;  // named barrier of this warpgroup
+      const int quad_lane = lane % 4;
 #pragma unroll
       for (int round = 0; round < 2; ++round) {
         // The staging buffer is free once the previous stores from it have read it.
@@ -247,28 +248,16 @@ __global__ void __launch_bounds__(kThreads, 1)
               bias1 = make_float2(static_cast<float>(bias[column + 8]), static_cast<float>(bias[column + 9]));
             }
           }
-          // word t: the pair this lane holds for lane t of its quad (t = 2 · row half + block parity).
-          const uint32_t word0 = pack_pair<T>(acc[4 * block0] + bias0.x, acc[4 * block0 + 1] + bias0.y);
-          const uint32_t word1 = pack_pair<T>(acc[4 * block1] + bias1.x, acc[4 * block1 + 1] + bias1.y);
-          const uint32_t word2 = pack_pair<T>(acc[4 * block0 + 2] + bias0.x, acc[4 * block0 + 3] + bias0.y);
-          const uint32_t word3 = pack_pair<T>(acc[4 * block1 + 2] + bias1.x, acc[4 * block1 + 3] + bias1.y);
-          // received[s]: columns 2s, 2s+1 of this lane's 8-column block, from lane s of the quad.
-          uint32_t received[4];
-          received[0] = received[1] = received[2] = received[3] = select4(quad_lane, word0, word1, word2, word3);
-#pragma unroll
-          for (int step = 1; step < 4; ++step) {
-            const uint32_t send = select4((quad_lane + step) & 3, word0, word1, word2, word3);
-            const int source = (quad_lane - step) & 3;
-            const uint32_t got = __shfl_sync(0xffffffffu, send, (lane & ~3) | source);
-#pragma unroll
-            for (int s = 0; s < 4; ++s) received[s] = source == s ? got : received[s];
-          }
-          // 16 bytes at (local_row, column c·16 + 8·(quad_lane % 2) of this round), in box c / 4, 128-byte swizzle.
-          const int round_column = c * 16 + (quad_lane % 2) * 8;
-          const int box = round_column / kOutBoxColumns, chunk16 = (round_column % kOutBoxColumns) / 8;
-          unsigned char* destination =
-              staging + box * kOutBoxBytes + local_row * 128 + ((chunk16 ^ (local_row % 8)) * 16);
-          *reinterpret_cast<uint4*>(destination) = make_uint4(received[0], received[1], received[2], received[3]);
+          // 16 bytes per addressed row at (local_row, column c·16 + 8·matrix_half of this round), in box c / 4,
+          // 128-byte swizzle.
+          const int chunk16 = (c % 4) * 2 + matrix_half;
+          unsigned char* row_address =
+              staging + (c / 4) * kOutBoxBytes + local_row * 128 + ((chunk16 ^ (local_row % 8)) * 16);
+          store_matrices_x4(row_address,
+                            pack_pair<T>(acc[4 * block0] + bias0.x, acc[4 * block0 + 1] + bias0.y),
+                            pack_pair<T>(acc[4 * block0 + 2] + bias0.x, acc[4 * block0 + 3] + bias0.y),
+                            pack_pair<T>(acc[4 * block1] + bias1.x, acc[4 * block1 + 1] + bias1.y),
+                            pack_pair<T>(acc[4 * block1 + 2] + bias1.x, acc[4 * block1 + 3] + bias1.y));
         }
         fence_shared_for_copy_engine();
         named_barrier(barrier_id, 128);

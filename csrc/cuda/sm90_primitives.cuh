@@ -89,6 +89,15 @@ __device__ __forceinline__ void fence_shared_for_copy_engine() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
+// Four 8 × 8 matrices of 16-bit values from the registers of a warp into shared memory (stmatrix): register i of
+// lane t holds row t / 4, columns 2(t % 4) and 2(t % 4) + 1 of matrix i (an MMA accumulator fragment's layout), and
+// lanes 8i … 8i + 7 give the addresses of matrix i's 8 rows (16 bytes each).
+__device__ __forceinline__ void store_matrices_x4(void* row_address, uint32_t m0, uint32_t m1, uint32_t m2, uint32_t m3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(shared_address(row_address)),
+               "r"(m0), "r"(m1), "r"(m2), "r"(m3)
+               : "memory");
+}
+
 // A barrier among the `threads` threads (a multiple of 32) that use barrier `id` (1..15; 0 is __syncthreads).
 __device__ __forceinline__ void named_barrier(uint32_t id, uint32_t threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");

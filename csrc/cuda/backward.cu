@@ -3,17 +3,29 @@
 // the same seed (dropout_mask.h).
 //
 //   dxa = s·dy·B;  dB = s·dyᵀ·xa;  dA = dxaᵀ·dropout(x);  dx = dy·W (cuBLAS) + keep·dxa·A/(1−p).
+// dxa and dB come from one pass over dy where lora_dy_pass.cuh serves (r ≤ 16), else from the shrink and the token
+// reduction, one pass each.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../checks.h"
+#include "lora_dy_pass.cuh"
 #include "lora_steps.cuh"
 #include "nvtx_range.h"
 
 namespace lora_ext {
 namespace cuda {
 namespace {
+
+// LORA_EXT_DY_PASS=0 turns the one-pass dxa/dB kernel off (benchmarks compare both in one process).
+bool dy_pass_enabled() {
+  const char* setting = std::getenv("LORA_EXT_DY_PASS");
+  return setting == nullptr || std::strcmp(setting, "0") != 0;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
@@ -46,20 +58,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   // them 16 bytes at a time along K and along the rank, where the strided views cost them 1.3–2.5× (r = 64).
   // Below kShrinkWmmaMinTokens the general kernels run and the two copies would only add launches. At r % 8 != 0
   // the expand reads A's ranks one by one anyway, so it takes Aᵀ as a view (its column loader) and skips the copy.
+  const bool one_pass_over_dy = dims.tokens >= kShrinkWmmaMinTokens && x.scalar_type() != at::kFloat &&
+                                dy_pass_enabled() && dy_pass_supported(grad_y, lora_B, activation);
   const bool copy_transposes = dims.tokens >= kShrinkWmmaMinTokens;
   const bool copy_A_t = copy_transposes && compute_grad_x && dims.rank % 8 == 0;
-  const at::Tensor lora_B_t = copy_transposes ? lora_B.t().contiguous() : lora_B.t();
+  const at::Tensor lora_B_t = copy_transposes && !one_pass_over_dy ? lora_B.t().contiguous() : lora_B.t();
   const at::Tensor lora_A_t = copy_A_t ? lora_A.t().contiguous() : lora_A.t();
 
   dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using act_t = decltype(act_tag);
     using adapter_t = decltype(adapter_tag);
-    if (dims.tokens > 0) {
-      // dxa[t, j] = s · Σ_o dy[t, o] · B[o, j]
-      shrink<act_t, adapter_t>(grad_activation, grad_y, lora_B_t, scaling, nullptr, 0);
+    bool done = false;
+    if constexpr (!std::is_same_v<act_t, float>) {
+      if (one_pass_over_dy) {
+        launch_dy_pass<act_t, adapter_t>(grad_activation, grad_B, grad_y, lora_B, activation, scaling);
+        done = true;
+      }
     }
-    // dB[o, j] = s · Σ_t dy[t, o] · xa[t, j]
-    token_reduce_step<act_t, false>(grad_B, grad_y, activation, scaling);
+    if (!done) {
+      if (dims.tokens > 0) {
+        // dxa[t, j] = s · Σ_o dy[t, o] · B[o, j]
+        shrink<act_t, adapter_t>(grad_activation, grad_y, lora_B_t, scaling, nullptr, 0);
+      }
+      // dB[o, j] = s · Σ_t dy[t, o] · xa[t, j]
+      token_reduce_step<act_t, false>(grad_B, grad_y, activation, scaling);
+    }
     // dAᵀ[k, j] = Σ_t dropout(x)[t, k] · dxa[t, j]
     if (seed != nullptr) {
       token_reduce_step<act_t, true>(grad_A_t, x, grad_activation, keep_scale, seed, threshold);

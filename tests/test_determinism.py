@@ -33,6 +33,8 @@ _SHAPES = {
     "primes": {"cpu": (7, 13, 11, 3), "cuda": (7, 13, 11, 3)},
     "decode": {"cpu": (1, 64, 48, 8), "cuda": (1, 64, 48, 8)},
     "split_tokens": {"cpu": (130, 64, 40, 16), "cuda": (600, 256, 128, 16)},
+    # CUDA: the one-pass dxa/dB kernel (lora_dy_pass.cuh): two column groups, many token splits
+    "dy_pass": {"cpu": (40, 32, 24, 8), "cuda": (1100, 128, 1032, 16)},
 }
 SHAPES = list(_SHAPES)
 

@@ -211,8 +211,11 @@ inline bool dy_pass_supported(const at::Tensor& grad_y, const at::Tensor& lora_B
   if (at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin < dy_pass_detail::kSharedBytes) return false;
   // Measured on an H100 (docs/perf-notes.md v11): ahead of the two passes at out = 4096 (fwd+bwd 1.235× against
   // 1.255×, r = 4 and with dropout too), behind at out = 11008 (1.128× against 1.102×), where its 22 column groups
-  // write 35 MB of partials. So it serves up to 4096 columns.
-  if (grad_y.size(1) > 4096) return false;
+  // write 35 MB of partials. So it serves up to 4096 columns. Below 1024 columns the partials (16 KB per split and
+  // 256-column tile, whatever the tile's width) grow against dy itself, so the two passes keep those (not measured).
+  if (grad_y.size(1) > 4096 || grad_y.size(1) < 1024) return false;
+  // The grid's y dimension holds the token splits (≤ 256 tokens each).
+  if (grad_y.size(0) > int64_t{65535} * dy_pass_detail::kMaxSplitTokens) return false;
   return grad_y.size(1) % 8 == 0 && grad_y.stride(1) == 1 && (grad_y.size(0) <= 1 || grad_y.stride(0) % 8 == 0) &&
          aligned16(grad_y.data_ptr());
 }
@@ -238,6 +241,8 @@ void launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::T
   int64_t tokens_per_split = (tokens * groups + 2 * sms - 1) / (2 * sms);
   tokens_per_split = std::min<int64_t>(kMaxSplitTokens, std::max<int64_t>(kTokens, (tokens_per_split + kTokens - 1) / kTokens * kTokens));
   const int64_t splits = (tokens + tokens_per_split - 1) / tokens_per_split;
+  // The kernel's one-owner-per-dxa_sum-element argument needs whole 32-token steps and at most kMaxSplitTokens.
+  TORCH_INTERNAL_ASSERT(tokens_per_split % kTokens == 0 && tokens_per_split <= kMaxSplitTokens);
   LORA_CHECK(splits <= 65535 && groups <= std::numeric_limits<int32_t>::max(), "lora_ext: too many tokens (", tokens,
              ") or features (", columns, ")");
   const int64_t columns_padded = groups * kGroupTiles * kCols, tokens_padded = splits * tokens_per_split;

@@ -73,16 +73,22 @@ __global__ void __launch_bounds__(128) lora_token_reduce_wmma_kernel(const Token
   };
   if (t_begin < t_end) load_m(t_begin);
   for (int64_t t0 = t_begin; t0 < t_end; t0 += kTokens) {
+    // This step's M, then the next step's loads issued before the dropout mask is drawn for this one, so the
+    // Philox arithmetic overlaps them (drawn first, it left no load in flight: dA took 61 µs with dropout, 32
+    // without, docs/perf-notes.md v11).
+    uint4 m_now[kLoads];
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) m_now[i] = m_next[i];
+    if (t0 + kTokens < t_end) load_m(t0 + kTokens);
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
       const int v = threadIdx.x + 128 * i, r = v / (kCols / 8), c = (v % (kCols / 8)) * 8;
-      uint4 bits = m_next[i];
+      uint4 bits = m_now[i];
       if constexpr (DROPOUT) {
         if (t0 + r < t_end && c0 + c < p.columns) bits = apply_dropout8<T>(bits, seed, t0 + r, c0 + c, p.dropout_threshold);
       }
       *reinterpret_cast<uint4*>(&matrix_tile[r][c]) = bits;
     }
-    if (t0 + kTokens < t_end) load_m(t0 + kTokens);
     for (int v = threadIdx.x; v < kTokens * (RPAD / 8); v += 128) {
       const int r = v / (RPAD / 8), j = (v % (RPAD / 8)) * 8;
       const int64_t t = t0 + r;

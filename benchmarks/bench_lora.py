@@ -299,11 +299,30 @@ def main():
         held_text = f"{held.get('lora_ext', float('nan')):.1f}/{held.get('peft', float('nan')):.1f}" if held else ""
         print(f"{row['case']:28s} {row['ratio'].get('lora_ext', float('nan')):9.3f} "
               f"{row['ratio'].get('peft', float('nan')):9.3f} {held_text:>18s}")
+    relative = relative_targets(rows)
+    for line in relative:
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1)
+            json.dump({"header": header, "rows": rows, "relative": relative}, f, indent=1)
     if args.plot:
         plot(rows, args.plot)
+
+
+def relative_targets(rows):
+    """The two targets that compare lora_ext with itself (dropout against dropout 0, float32 adapters against bf16
+    adapters; issue 3 sets them for the GPU), from each implementation's own times: the rows' base layers are
+    separate measurements whose spread (several % between rows of one run) would otherwise enter the comparison."""
+    by_case = {row["case"]: row["ms"] for row in rows}
+    reference = by_case.get("fwd+bwd r=16", {})
+    lines = []
+    for case, what in (("fwd+bwd dropout 0.05", "dropout 0.05 against dropout 0"),
+                       ("fwd+bwd fp32 adapters", "fp32 adapters against bf16 adapters")):
+        changes = [f"{impl} {by_case[case][impl] / reference[impl] - 1:+.1%}"
+                   for impl in ("lora_ext", "peft") if impl in by_case.get(case, {}) and impl in reference]
+        if changes:
+            lines.append(f"{what} (fwd+bwd, time): " + ", ".join(changes) + " (GPU target for lora_ext: within 5%)")
+    return lines
 
 
 def print_row(row):

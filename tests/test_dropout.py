@@ -214,15 +214,17 @@ def test_dropout_is_unbiased(device, p):
     assert 0.75 <= ratio <= 1.33, f"sample variance / predicted variance = {ratio:.3f}"
 
 
+@pytest.mark.parametrize("in_features", [48, 136], ids=["tail-only", "blocks-and-tail"])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 @pytest.mark.parametrize("device", DEVICES)
-def test_backward_uses_forward_mask(device, p):
+def test_backward_uses_forward_mask(device, p, in_features):
     """Gradients are those of the mask dropout_keep_mask reports for the forward's seed.
 
-    A backward that regenerated a different mask would be off by order one.
+    A backward that regenerated a different mask would be off by order one. 136 features take the CPU mask's
+    64-column blocks and its 8-column tail (the backward draws the mask once for dA and dx together).
     """
     dtype = _float_dtype(device)
-    in_features, out_features, rank = 48, 40, 8
+    out_features, rank = 40, 8
     x = torch.randn(3, 17, in_features).to(device, dtype).requires_grad_(True)
     weight, bias, lora_A, lora_B = make_params(in_features, out_features, rank, dtype, dtype, device)
     lora_A.requires_grad_(True)

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 
 #include "../checks.h"
 #include "../dropout_mask.h"
@@ -20,10 +21,16 @@ uint64_t read_seed(const c10::optional<at::Tensor>& dropout_seed) {
 
 // Calls visit(i, factor) for every element i = row · cols + col of a (rows, cols) tensor, factor = keep_scale
 // (≈ 1 / (1 − p)) where the mask keeps the element and 0 where it drops it: one Philox call decides 8 columns.
+// The 8 factors of a group come from a table indexed by its 8 keep bits, so the visits of a group are plain loads
+// and the compiler vectorises them (branching per element made the visits cost more than the Philox rounds).
 template <typename scalar_t, typename Visit>
 void for_each_keep_factor(uint64_t seed, int64_t rows, int64_t cols, double dropout_p, const Visit& visit) {
   const uint32_t threshold = dropout_threshold(dropout_p);
   const scalar_t kept = static_cast<scalar_t>(dropout_keep_scale(dropout_p));
+  std::array<std::array<scalar_t, 8>, 256> factors_of;  // factors_of[bits][e]: kept if bit e is set, else 0
+  for (int bits = 0; bits < 256; ++bits) {
+    for (int e = 0; e < 8; ++e) factors_of[bits][e] = ((bits >> e) & 1) ? kept : scalar_t(0);
+  }
   const int64_t whole_blocks = cols / 64;  // 8 groups of 8 columns at a time (dropout_keep8_x8)
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -33,13 +40,14 @@ void for_each_keep_factor(uint64_t seed, int64_t rows, int64_t cols, double drop
         dropout_keep8_x8(seed, row, block * 8, threshold, keep);
         for (int lane = 0; lane < 8; ++lane) {
           const int64_t first = row_start + block * 64 + lane * 8;
-          for (int e = 0; e < 8; ++e) visit(first + e, ((keep[lane] >> e) & 1u) ? kept : scalar_t(0));
+          const scalar_t* factors = factors_of[keep[lane]].data();
+          for (int e = 0; e < 8; ++e) visit(first + e, factors[e]);
         }
       }
       for (int64_t group = whole_blocks * 8; group * 8 < cols; ++group) {
         const unsigned keep = dropout_keep8(seed, row, group, threshold);
         for (int64_t col = group * 8; col < std::min<int64_t>(cols, group * 8 + 8); ++col) {
-          visit(row_start + col, ((keep >> (col - group * 8)) & 1u) ? kept : scalar_t(0));
+          visit(row_start + col, factors_of[keep][col - group * 8]);
         }
       }
     }
@@ -73,6 +81,26 @@ at::Tensor dropped_input(const at::Tensor& x, double dropout_p, const c10::optio
                                    [&](int64_t i, scalar_t factor) {
                                      out[i] = in[i] * factor;
                                      if (mask_out != nullptr) mask_out[i] = factor;
+                                   });
+  });
+  return dropped;
+}
+
+// dropped_input's dropout(x), and on the way grad_x += addend · mask (grad_x and addend contiguous, in `acc`).
+at::Tensor dropped_input_adding_masked(const at::Tensor& x, double dropout_p,
+                                       const c10::optional<at::Tensor>& dropout_seed, at::ScalarType acc,
+                                       at::Tensor& grad_x, const at::Tensor& addend) {
+  const at::Tensor source = x.to(acc).contiguous();
+  at::Tensor dropped = at::empty_like(source);
+  AT_DISPATCH_FLOATING_TYPES(acc, "lora_ext_dropped_input_adding_masked", [&] {
+    const scalar_t* in = source.data_ptr<scalar_t>();
+    const scalar_t* add = addend.data_ptr<scalar_t>();
+    scalar_t* out = dropped.data_ptr<scalar_t>();
+    scalar_t* grad = grad_x.data_ptr<scalar_t>();
+    for_each_keep_factor<scalar_t>(read_seed(dropout_seed), source.size(0), source.size(1), dropout_p,
+                                   [&](int64_t i, scalar_t factor) {
+                                     out[i] = in[i] * factor;
+                                     grad[i] += add[i] * factor;
                                    });
   });
   return dropped;
@@ -118,23 +146,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   const at::Tensor grad_activation = at::mm(grad_y_acc, lora_B.to(acc)).mul_(scaling);
   at::Tensor grad_B = at::mm(grad_y_acc.t(), lora_activation).mul_(scaling).to(adapter_dtype);
 
-  at::Tensor keep_scale;  // 0 or 1/(1-p), shared by grad_A and grad_x; the forward's mask, drawn again
-  const at::Tensor x_dropped = dropped_input(x, dropout_p, dropout_seed, acc, compute_grad_x ? &keep_scale : nullptr);
-  at::Tensor grad_A = at::mm(grad_activation.t(), x_dropped).to(adapter_dtype);
-
-  at::Tensor grad_x;
-  if (compute_grad_x) {
-    grad_x = at::mm(grad_y, weight).contiguous();
-    if (dropout_p == 0.0 && grad_x.scalar_type() == acc) {  // dx += dy_a·A in one BLAS call
-      grad_x.addmm_(grad_activation, lora_A.to(acc));
-    } else {
-      at::Tensor lora_grad_x = at::mm(grad_activation, lora_A.to(acc));
-      if (dropout_p > 0.0) lora_grad_x.mul_(keep_scale);
-      grad_x.add_(lora_grad_x);
-    }
+  at::Tensor grad_x = compute_grad_x ? at::mm(grad_y, weight).contiguous() : at::empty({0}, x.options());
+  at::Tensor x_dropped;
+  if (compute_grad_x && dropout_p == 0.0 && grad_x.scalar_type() == acc) {
+    x_dropped = x.to(acc);
+    grad_x.addmm_(grad_activation, lora_A.to(acc));  // dx += dy_a·A in one BLAS call
+  } else if (compute_grad_x && dropout_p > 0.0 && grad_x.scalar_type() == acc) {
+    // The forward's mask, drawn again once for both uses: dropout(x) for grad_A and dx += (dy_a·A)·mask, in one
+    // pass over x and dx (no mask tensor, no separate multiply-add pass).
+    const at::Tensor lora_grad_x = at::mm(grad_activation, lora_A.to(acc)).contiguous();
+    x_dropped = dropped_input_adding_masked(x, dropout_p, dropout_seed, acc, grad_x, lora_grad_x);
   } else {
-    grad_x = at::empty({0}, x.options());
+    at::Tensor keep_scale;  // 0 or 1/(1-p), shared by grad_A and grad_x; the forward's mask, drawn again
+    x_dropped = dropped_input(x, dropout_p, dropout_seed, acc, compute_grad_x ? &keep_scale : nullptr);
+    if (compute_grad_x) {
+      const at::Tensor lora_grad_x = at::mm(grad_activation, lora_A.to(acc));
+      if (dropout_p > 0.0) {
+        grad_x.addcmul_(lora_grad_x, keep_scale);  // dx += (dy_a·A)·mask in one pass (TensorIterator: float32)
+      } else {
+        grad_x.add_(lora_grad_x);
+      }
+    }
   }
+  at::Tensor grad_A = at::mm(grad_activation.t(), x_dropped).to(adapter_dtype);
   return {grad_x, grad_A, grad_B};
 }
 

@@ -1,13 +1,20 @@
 """What each kernel of one LoRA training step waits on, beside cuBLAS's GEMM of the same shape (GPU only).
 
-    ncu --clock-control none --profile-from-start off --csv --page raw --metrics <see NCU_METRICS> \
-        python3 benchmarks/ncu_step.py > raw.csv
+    ncu --clock-control none --profile-from-start off --csv --page raw \
+        --metrics $(python3 benchmarks/ncu_step.py --print-metrics) python3 benchmarks/ncu_step.py > raw.csv
     python3 benchmarks/ncu_step.py --summarise raw.csv
 
-The first form runs (inside Nsight Compute) a warm training step of LoRALinear (8192 tokens, 4096², r = 16,
-bf16) and then the frozen base layer's forward GEMM (cuBLAS), between cudaProfilerStart and Stop, so only those
-kernels are profiled. The second prints, per kernel: time, SM clock, DRAM and tensor-pipe use, and the stall
-reasons that cost most cycles per issued instruction. A diagnostic for docs/perf-notes.md, not a benchmark.
+    ncu --clock-control none --profile-from-start off -k regex:lora_gemm_sm90 -c 1 \
+        --section SourceCounters --section WarpStateStats -o gemm python3 benchmarks/ncu_step.py
+    ncu --import gemm.ncu-rep --page source --csv --print-source sass > gemm_source.csv
+    python3 benchmarks/ncu_step.py --hot-lines gemm_source.csv
+
+The profiled program runs a warm training step of LoRALinear (8192 tokens, 4096², r = 16, bf16) and then the frozen
+base layer's forward GEMM (cuBLAS), between cudaProfilerStart and Stop, so only those kernels are profiled.
+--summarise prints, per kernel: time, SM clock, DRAM and tensor-pipe use, and the stall reasons that cost most cycles
+per issued instruction; --hot-lines the SASS lines with the most warp-stall samples. Run it from outside the
+repository's root (e.g. /tmp) so that the installed lora_ext is imported. A diagnostic for docs/perf-notes.md, not a
+benchmark.
 """
 import argparse
 import csv

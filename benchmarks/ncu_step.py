@@ -9,6 +9,8 @@
     ncu --import gemm.ncu-rep --page source --csv --print-source sass > gemm_source.csv
     python3 benchmarks/ncu_step.py --hot-lines gemm_source.csv
 
+(-k regex:lora_dy_pass for the backward's one-pass dy kernel, and so on.)
+
 The profiled program runs a warm training step of LoRALinear (8192 tokens, 4096², r = 16, bf16) and then the frozen
 base layer's forward GEMM (cuBLAS), between cudaProfilerStart and Stop, so only those kernels are profiled.
 --summarise prints, per kernel: time, SM clock, DRAM and tensor-pipe use, and the stall reasons that cost most cycles
@@ -98,19 +100,23 @@ def summarise(path):
 
 
 def hot_lines(path, count=40):
-    """The SASS lines with the most warp-stall samples, from `ncu --import R --page source --csv --print-source sass`."""
+    """The SASS lines with the most warp-stall samples, from `ncu --import R --page source --csv --print-source sass`,
+    after the stall reasons summed over all lines. ncu 2025+ puts a "Kernel Name" line before the column names."""
     with open(path, newline="") as handle:
         rows = list(csv.reader(line for line in handle if line.startswith('"')))
-    header = rows[0]
-    print("columns:", header)
+    header_at = next(i for i, row in enumerate(rows) if "Source" in (name.strip() for name in row))
+    header = rows[header_at]
     samples = next(i for i, name in enumerate(header) if "Sampling" in name and "All" in name)
     source = next(i for i, name in enumerate(header) if name.strip() == "Source")
-    body = [row for row in rows[1:] if len(row) == len(header)]
+    body = [row for row in rows[header_at + 1:] if len(row) == len(header)]
     total = sum(number(row[samples]) for row in body) or 1.0
-    print(f"{total:.0f} samples")
-    extra = [i for i, name in enumerate(header) if "Sampling" in name and i != samples]
+    reasons = [i for i, name in enumerate(header) if name.startswith("stall_") and "Not Issued" not in name]
+    by_reason = sorted(((sum(number(row[i]) for row in body), header[i]) for i in reasons), reverse=True)
+    print(f"{total:.0f} samples; " + ", ".join(f"{name} {100 * value / total:.1f}%" for value, name in by_reason[:8]))
     for row in sorted(body, key=lambda r: -number(r[samples]))[:count]:
-        print(f"{100 * number(row[samples]) / total:5.1f}%  {row[source][:80]}  " + " ".join(row[i] for i in extra))
+        top = sorted(((number(row[i]), header[i]) for i in reasons), reverse=True)[:2]
+        print(f"{100 * number(row[samples]) / total:5.1f}%  {row[source][:70]:70s}  "
+              + " ".join(f"{name} {value:.0f}" for value, name in top if value > 0))
 
 
 def main():

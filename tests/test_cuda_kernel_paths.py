@@ -93,3 +93,25 @@ def test_kernel_path_adapter_views(rank, adapter_dtype, a_layout):
         lora_A_view = wide_A[:, 1:]
     assert not lora_B_view.is_contiguous() and not lora_A_view.is_contiguous()
     _check_backward(x, weight, bias, lora_A_view, lora_B_view, 0.3)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_shrink_tail_rows_round_float32_adapters_like_the_others(dropout_p):
+    """≥ 512 tokens: the tensor-core shrink takes whole groups of 16 rows and the general kernel the last
+    tokens % 16. Both round float32 A to x's dtype (the tensor-core kernel as it stages A), so every row of xa is
+    A rounded to bfloat16 times dropout(x), summed in float32: the tail rows too, row by row."""
+    from conftest import lora_reference, seed_tensor
+    from test_ops import SCALING
+
+    tokens, in_features = 16 * 40 + 7, 264
+    x = make_x(tokens, in_features, torch.bfloat16, "cuda")
+    weight, bias, lora_A, lora_B = make_params(in_features, 136, 16, torch.bfloat16, torch.float32, "cuda")
+    seed = seed_tensor(5, x.device) if dropout_p > 0 else None
+    _, xa = torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, dropout_p, seed)
+    keep = None
+    if seed is not None:
+        keep = torch.ops.lora_ext.dropout_keep_mask(seed, tokens, in_features, dropout_p)
+    rounded = lora_reference(x, weight, bias, lora_A.to(torch.bfloat16), lora_B, SCALING, dropout_p, keep)["xa"]
+    row_error = (xa.cpu().double() - rounded).norm(dim=1) / rounded.norm(dim=1).clamp_min(1e-30)
+    assert row_error[-7:].max().item() <= 1e-5, row_error[-7:]
+    assert row_error.max().item() <= 1e-5

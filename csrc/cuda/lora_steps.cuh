@@ -77,14 +77,27 @@ void shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, double
   if (done == tokens) return;
   const at::Tensor x_rest = x.narrow(0, done, tokens - done);
   at::Tensor out_rest = out.narrow(0, done, tokens - done);
-  GemmParams p = gemm_params(x_rest, x_rest.stride(0), x_rest.stride(1), w_rk, w_rk.stride(1), w_rk.stride(0),
-                             tokens - done, rank, k, alpha);
-  if (dropout) {
-    set_dropout(p, dropout_seed, threshold, done);
-    gemm_store_float<act_t, adapter_t, DropoutAt::kOperandA>(p, out_rest);
-  } else {
-    gemm_store_float<act_t, adapter_t, DropoutAt::kNone>(p, out_rest);
+  auto run_general = [&](const at::Tensor& w, auto w_tag) {
+    using w_t = decltype(w_tag);
+    GemmParams p = gemm_params(x_rest, x_rest.stride(0), x_rest.stride(1), w, w.stride(1), w.stride(0), tokens - done,
+                               rank, k, alpha);
+    if (dropout) {
+      set_dropout(p, dropout_seed, threshold, done);
+      gemm_store_float<act_t, w_t, DropoutAt::kOperandA>(p, out_rest);
+    } else {
+      gemm_store_float<act_t, w_t, DropoutAt::kNone>(p, out_rest);
+    }
+  };
+  if constexpr (!std::is_same_v<act_t, float> && std::is_same_v<adapter_t, float>) {
+    if (done > 0) {
+      // The tail of a call whose other rows the tensor-core kernel took: W rounded to x's type as that kernel rounds
+      // it when staging, so a token's result does not depend on whether it falls in the last tokens % 16 rows (with
+      // float32 W the tail differed from the other rows by ≈ 1e-4, relative).
+      run_general(w_rk.to(x.scalar_type()), act_t{});
+      return;
+    }
   }
+  run_general(w_rk, adapter_t{});
 }
 
 // c (M × N) += alpha · left·rightᵀ (· keep); left (M × r), right (N × r), any strides.

@@ -9,8 +9,8 @@ widths % 8 == 0, and their float32-FMA fallbacks."""
 import pytest
 import torch
 
-from conftest import make_params, make_x, requires_cuda
-from test_ops import _check_backward
+from conftest import lora_reference, make_params, make_x, requires_cuda, seed_tensor
+from test_ops import SCALING, _check_backward
 
 pytestmark = requires_cuda
 
@@ -100,9 +100,6 @@ def test_shrink_tail_rows_round_float32_adapters_like_the_others(dropout_p):
     """≥ 512 tokens: the tensor-core shrink takes whole groups of 16 rows and the general kernel the last
     tokens % 16. Both round float32 A to x's dtype (the tensor-core kernel as it stages A), so every row of xa is
     A rounded to bfloat16 times dropout(x), summed in float32: the tail rows too, row by row."""
-    from conftest import lora_reference, seed_tensor
-    from test_ops import SCALING
-
     tokens, in_features = 16 * 40 + 7, 264
     x = make_x(tokens, in_features, torch.bfloat16, "cuda")
     weight, bias, lora_A, lora_B = make_params(in_features, 136, 16, torch.bfloat16, torch.float32, "cuda")

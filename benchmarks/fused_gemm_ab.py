@@ -1,11 +1,13 @@
 """The Hopper fused forward GEMM against the path it replaces, side by side in one process (GPU only):
 
-    python benchmarks/fused_gemm_ab.py [--shapes 8192x4096x4096x16,...] [--backward]
+    python benchmarks/fused_gemm_ab.py [--shapes 8192x4096x4096x16,...] [--backward] [--grad-x]
 
 Per shape (tokens × in × out × r, bf16, with bias): the frozen base layer (F.linear), lora_ext's forward with the
 fused GEMM (LORA_EXT_FUSED_GEMM=force, below its size cutoff too) and without it (=0: cuBLAS, then our expand
 kernel), PEFT's lora.Linear when importable, each as a ratio to the base; medians of triton's do_bench after
-warm-up, in interleaved rounds; random data. Then torch.profiler's GPU time per kernel for both lora_ext paths
+warm-up, in interleaved rounds; random data. With --grad-x (implies --backward) the A/B is the backward's dx
+instead: both variants leave the forward to its default routing, "fused" computes dx with the GEMM (dy·W + dxa·A)
+and "unfused" with cuBLAS + the expand (LORA_EXT_FUSED_GRAD_X=0). Then torch.profiler's GPU time per kernel for both lora_ext paths
 (kernel_breakdown.profiled). A diagnostic for docs/perf-notes.md; bench_lora.py
 is the benchmark of record.
 """
@@ -23,9 +25,20 @@ from kernel_breakdown import profiled  # this folder is the script's own, first 
 DEFAULT_SHAPES = "8192x4096x4096x16,8192x4096x4096x64,8192x4096x11008x16,4096x4096x4096x16,2048x4096x4096x16,1024x4096x4096x16"
 
 
+GRAD_X_ONLY = False  # set by --grad-x
+
+
+def set_fused(enabled):
+    if GRAD_X_ONLY:
+        os.environ.pop("LORA_EXT_FUSED_GEMM", None)  # the default routing, forward and backward
+        os.environ["LORA_EXT_FUSED_GRAD_X"] = "1" if enabled else "0"
+    else:
+        os.environ["LORA_EXT_FUSED_GEMM"] = "force" if enabled else "0"  # force: below its size cutoff too
+
+
 def with_fused(enabled, function):
     def call():
-        os.environ["LORA_EXT_FUSED_GEMM"] = "force" if enabled else "0"  # force: below its size cutoff too
+        set_fused(enabled)
         return function()
     return call
 
@@ -35,7 +48,11 @@ def main():
     parser.add_argument("--shapes", default=DEFAULT_SHAPES)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backward", action="store_true", help="time forward + backward (x requires grad)")
+    parser.add_argument("--grad-x", action="store_true", help="A/B of the backward's fused dx only")
     args = parser.parse_args()
+    global GRAD_X_ONLY
+    GRAD_X_ONLY = args.grad_x
+    args.backward = args.backward or args.grad_x
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, sm_90a build: "
           f"{lora_ext.built_with_sm90a()}")
     try:
@@ -77,19 +94,26 @@ def main():
                 for name, call in calls.items():
                     samples[name].append(do_bench(call, return_mode="median"))
         rows = {name: statistics.median(values) for name, values in samples.items()}
-        with torch.no_grad():
-            os.environ["LORA_EXT_FUSED_GEMM"] = "force"
-            y_fused = layer(x)
-            os.environ["LORA_EXT_FUSED_GEMM"] = "0"
-            y_unfused = layer(x)
+        outputs = []
+        for enabled in (True, False):
+            set_fused(enabled)
+            if args.backward:
+                x.grad = None
+                layer(x).backward(dy)
+                outputs.append(x.grad.clone())
+            else:
+                with torch.no_grad():
+                    outputs.append(layer(x))
+        y_fused, y_unfused = outputs
         diff = ((y_fused.float() - y_unfused.float()).norm() / y_unfused.float().norm()).item()
         ratios = "  ".join(f"{k} {v / rows['base']:.3f}x" for k, v in rows.items() if k != "base")
-        print(f"{spec}: base {rows['base'] * 1e3:.1f} us  {ratios}  (fused vs unfused rel diff {diff:.1e})")
+        print(f"{spec}: base {rows['base'] * 1e3:.1f} us  {ratios}  (fused vs unfused {'dx' if args.backward else 'y'} rel diff {diff:.1e})")
         for label in ("fused", "unfused"):
             with torch.set_grad_enabled(args.backward):
                 _, kernels = profiled(calls[label], iters=20, warmup=3)
             print(f"    {label}: " + "; ".join(f"{e.key[:70]} {e.device_time_total / 20:.1f}" for e in kernels[:8]))
     os.environ.pop("LORA_EXT_FUSED_GEMM", None)
+    os.environ.pop("LORA_EXT_FUSED_GRAD_X", None)
 
 
 if __name__ == "__main__":

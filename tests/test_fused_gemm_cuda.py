@@ -1,5 +1,5 @@
 """The Hopper forward GEMM with the LoRA expand folded in (csrc/cuda/lora_gemm_sm90.cu): y = x·Wᵀ + b + (s·xa)·Bᵀ
-as one GEMM over in + r. It serves 16-bit x on compute capability 9.0 when the build carries sm_90a, on shapes where it
+as one GEMM over in + r, and the backward's dx = dy·W + (s·dy·B)·A by the same kernel over out + r (no dropout). It serves 16-bit x on compute capability 9.0 when the build carries sm_90a, on shapes where it
 pays (≥ 8192 tokens, out ≥ 2048 and in ≤ 4096, or ≤ 6144 for r > 16; LORA_EXT_FUSED_GEMM=force lifts that, as
 here; =0 turns it off). These shapes sit on its tile
 edges (tokens % 128, in % 64, out % 256, r across the 64-wide K blocks). Each is
@@ -85,6 +85,105 @@ def test_fused_forward_then_backward(monkeypatch, dtype, adapter_dtype, shape, d
     tokens, in_features, out_features, rank = shape
     x = make_x(tokens, in_features, dtype, "cuda")
     _check_backward(x, *make_params(in_features, out_features, rank, dtype, adapter_dtype, "cuda"), dropout_p)
+
+
+def _grad_x(monkeypatch, grad_y, x, weight, lora_A, lora_B, xa, fused):
+    monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force" if fused else "0")  # force: these shapes are below its cutoff
+    return torch.ops.lora_ext.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.0, None, True)
+
+
+@pytest.mark.parametrize("grad_y_layout", ["contiguous", "offset"])
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
+def test_fused_grad_x_within_one_rounding(monkeypatch, dtype, adapter_dtype, shape, grad_y_layout):
+    """The backward's dx = dy·W + (s·dy·B)·A as the same GEMM with W read along its rows (K = out, N = in): within one
+    rounding of the float64 reference and of the cuBLAS + expand path; the adapter gradients are the same bits on
+    both paths (they do not depend on how dx is made). An offset dy (rows 16-byte aligned only where out allows it)
+    takes whichever path its layout allows, with the same answer."""
+    tokens, in_features, out_features, rank = shape
+    x = make_x(tokens, in_features, dtype, "cuda")
+    weight, bias, lora_A, lora_B = make_params(in_features, out_features, rank, dtype, adapter_dtype, "cuda")
+    _, xa, _ = _forward(monkeypatch, x, weight, bias, lora_A, lora_B, 0.0, fused=True)
+    grad_y = make_x(tokens, out_features, dtype, "cuda", layout=grad_y_layout)
+    grad_y_before = grad_y.clone()
+    grad_x, grad_A, grad_B = _grad_x(monkeypatch, grad_y, x, weight, lora_A, lora_B, xa, fused=True)
+    assert torch.equal(grad_y, grad_y_before)
+    ref = lora_reference(x, weight, bias, lora_A, lora_B, SCALING, grad_y=grad_y)
+    # dxa = s·dy·B is rounded to dy's dtype for the GEMM, as s·xa is in the forward; float32 adapters are rounded too.
+    bound = (2 if adapter_dtype == dtype else 4) * UNIT_ROUNDOFF[dtype]
+    assert grad_x.shape == (tokens, in_features) and grad_x.dtype == dtype
+    assert torch.isfinite(grad_x).all()
+    assert relative_error(grad_x, ref["grad_x"]) <= bound
+
+    unfused_x, unfused_A, unfused_B = _grad_x(monkeypatch, grad_y, x, weight, lora_A, lora_B, xa, fused=False)
+    assert relative_error(grad_x, unfused_x) <= bound
+    assert torch.equal(grad_A, unfused_A) and torch.equal(grad_B, unfused_B)
+
+
+@pytest.mark.parametrize(
+    "settings,tokens,in_features,out_features,dropout_p,fused",
+    [({"LORA_EXT_FUSED_GEMM": "force"}, 2048, 256, 512, 0.0, True),
+     ({}, 8192, 2048, 4096, 0.0, True),
+     ({}, 8192, 2048, 6144, 0.0, False),  # K = out past the r ≤ 16 cutoff
+     ({}, 4096, 2048, 4096, 0.0, False),  # too few tokens
+     ({"LORA_EXT_FUSED_GEMM": "force"}, 2048, 256, 512, 0.1, False),  # the dropout mask keeps the expand
+     ({"LORA_EXT_FUSED_GEMM": "force", "LORA_EXT_FUSED_GRAD_X": "0"}, 2048, 256, 512, 0.0, False),
+     ({"LORA_EXT_FUSED_GEMM": "0"}, 8192, 2048, 4096, 0.0, False)],
+    ids=["forced-small", "auto", "auto-out6144", "auto-few-tokens", "dropout", "grad-x-off", "off"],
+)
+def test_which_path_serves_grad_x(monkeypatch, settings, tokens, in_features, out_features, dropout_p, fused):
+    """dx comes from our GEMM (its W-along-K instantiation) and no cuBLAS GEMM where the fused path serves, and from
+    cuBLAS (then the expand) where it does not."""
+    if not fused_gemm_serves(torch.cuda.current_device()):
+        pytest.skip("the fused GEMM needs compute capability 9.0 and an sm_90a build")
+    for name in ("LORA_EXT_FUSED_GEMM", "LORA_EXT_FUSED_GRAD_X"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    x = make_x(tokens, in_features, torch.bfloat16, "cuda")
+    weight, bias, lora_A, lora_B = make_params(in_features, out_features, 16, torch.bfloat16, torch.bfloat16, "cuda")
+    seed = seed_tensor(7, x.device) if dropout_p > 0 else None
+    _, xa = torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, dropout_p, seed)
+    grad_y = make_x(tokens, out_features, torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        torch.ops.lora_ext.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, dropout_p, seed, True)
+        torch.cuda.synchronize()
+    kernels = [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    ours = any("lora_gemm_sm90_kernel" in name for name in kernels)
+    cublas = any(("gemm" in name.lower() or "nvjet" in name.lower()) and "lora" not in name.lower() for name in kernels)
+    assert (ours, cublas) == (fused, not fused), kernels
+
+
+def test_fused_grad_x_in_a_cuda_graph(monkeypatch):
+    """The backward with the fused dx captured in a CUDA graph and replayed on new dy: the eager result."""
+    monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force")
+    x = make_x(1031, 520, torch.bfloat16, "cuda")
+    weight, bias, lora_A, lora_B = make_params(520, 264, 24, torch.bfloat16, torch.bfloat16, "cuda")
+    _, xa = torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, 0.0, None)
+    static_dy = make_x(1031, 264, torch.bfloat16, "cuda")
+
+    def call(dy):
+        return torch.ops.lora_ext.lora_backward(dy, x, weight, lora_A, lora_B, xa, SCALING, 0.0, None, True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call(static_dy)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_grads = call(static_dy)
+    for _ in range(2):
+        fresh = make_x(1031, 264, torch.bfloat16, "cuda")
+        static_dy.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = call(fresh)
+        assert all(torch.equal(a, b) for a, b in zip(static_grads, eager))
+        ref = lora_reference(x, weight, bias, lora_A, lora_B, SCALING, grad_y=fresh)
+        assert relative_error(static_grads[0], ref["grad_x"]) <= 2 * UNIT_ROUNDOFF[torch.bfloat16]
 
 
 @pytest.mark.parametrize(

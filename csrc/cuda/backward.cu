@@ -4,7 +4,8 @@
 //
 //   dxa = s·dy·B;  dB = s·dyᵀ·xa;  dA = dxaᵀ·dropout(x);  dx = dy·W (cuBLAS) + keep·dxa·A/(1−p).
 // dxa and dB come from one pass over dy where lora_dy_pass.cuh serves (r ≤ 16), else from the shrink and the token
-// reduction, one pass each.
+// reduction, one pass each. Without dropout, from 8192 tokens on Hopper, dx is one GEMM of our own over out + r
+// (dy·W + dxa·A, lora_gemm_sm90.h) instead of cuBLAS's dy·W and the expand's read and write of dx.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -14,6 +15,7 @@
 
 #include "../checks.h"
 #include "lora_dy_pass.cuh"
+#include "lora_gemm_sm90.h"
 #include "lora_steps.cuh"
 #include "nvtx_range.h"
 
@@ -48,9 +50,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   at::Tensor grad_B = at::empty({dims.out_features, dims.rank}, adapter_options);
   at::Tensor grad_A = at::empty({dims.rank, dims.in_features}, adapter_options);
   at::Tensor grad_A_t = grad_A.t();
-  at::Tensor grad_x = compute_grad_x ? at::matmul(grad_y, weight) : at::empty({0}, x.options());
   const at::Tensor activation = lora_activation.contiguous();
   const int64_t* seed = dropout_p > 0.0 ? dropout_seed->data_ptr<int64_t>() : nullptr;
+  // dx by the fused GEMM (after dxa, below), or by cuBLAS now and the expand kernel last.
+  const bool fused_grad_x = compute_grad_x && seed == nullptr && x.scalar_type() == grad_y.scalar_type() &&
+                            fused_lora_grad_x_usable(grad_y, weight, dims.rank);
+  at::Tensor grad_x = compute_grad_x && !fused_grad_x ? at::matmul(grad_y, weight) : at::empty({0}, x.options());
   const uint32_t threshold = dropout_threshold(dropout_p);
   const double keep_scale = dropout_keep_scale(dropout_p);
 
@@ -61,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   const bool one_pass_over_dy = dims.tokens >= kShrinkWmmaMinTokens && x.scalar_type() != at::kFloat &&
                                 dy_pass_enabled() && dy_pass_supported(grad_y, lora_B, activation);
   const bool copy_transposes = dims.tokens >= kShrinkWmmaMinTokens;
-  const bool copy_A_t = copy_transposes && compute_grad_x && dims.rank % 8 == 0;
+  const bool copy_A_t = copy_transposes && compute_grad_x && !fused_grad_x && dims.rank % 8 == 0;
   const at::Tensor lora_B_t = copy_transposes && !one_pass_over_dy ? lora_B.t().contiguous() : lora_B.t();
   const at::Tensor lora_A_t = copy_A_t ? lora_A.t().contiguous() : lora_A.t();
 
@@ -89,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     } else {
       token_reduce_step<act_t, false>(grad_A_t, x, grad_activation, keep_scale);
     }
-    if (compute_grad_x && dims.tokens > 0) {
+    if (compute_grad_x && !fused_grad_x && dims.tokens > 0) {
       // dx[t, k] += keep[t, k]/(1−p) · Σ_j dxa[t, j] · A[j, k]
       if (seed != nullptr) {
         expand_add_step<float, adapter_t, act_t, true>(grad_x, grad_activation, lora_A_t, keep_scale, seed, threshold);
@@ -98,6 +103,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
       }
     }
   });
+  if (fused_grad_x) {
+    // dxa rounded once to dy's dtype for the GEMM's K steps, as the forward rounds s·xa (no dropout: keep_scale = 1).
+    grad_x = fused_lora_grad_x(grad_y, weight, lora_gemm_operand(grad_activation, grad_y.scalar_type()),
+                               lora_gemm_operand(lora_A, grad_y.scalar_type()));
+  }
   return {grad_x, grad_A, grad_B};
 }
 

@@ -68,9 +68,15 @@ bool fused_gemm_pays(int64_t tokens, int64_t in_features, int64_t out_features, 
   return tokens >= 8192 && out_features >= 2048 && in_features <= (rank > 16 ? 6144 : 4096);
 }
 
+// How the GEMM's right operands lie in memory. The forward's W (out × in) and B (out × r) have N (= out) along their
+// rows and K contiguous; the backward's dx = dy·W + dxs·A reads W (out × in) and A (r × in) with K along their rows
+// and N (= in) contiguous. The copy engine writes either into shared memory as it is, and wgmma reads the second
+// with its B operand transposed, so neither is ever copied.
+enum class RightOperand { kKContiguous, kNContiguous };
+
 struct GemmShape {
   int64_t tokens, out;  // M, N
-  int base_k_blocks;    // ⌈in / 64⌉
+  int base_k_blocks;    // ⌈in / 64⌉ (K of the base product: in forward, out for dx)
   int lora_k_blocks;    // ⌈r / 64⌉
   int row_pairs;        // ⌈⌈tokens / 128⌉ / 2⌉: a cluster works on two vertically adjacent tiles
   int column_tiles;     // ⌈out / 256⌉
@@ -108,7 +114,7 @@ __device__ __forceinline__ void release_stage(uint64_t* empty_barrier) {
 }
 #endif
 
-template <typename T>
+template <typename T, RightOperand kRight>
 __global__ void __launch_bounds__(kThreads, 1)
     lora_gemm_sm90_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                           const __grid_constant__ CUtensorMap xs_map, const __grid_constant__ CUtensorMap b_map,
@@ -160,7 +166,15 @@ __global__ void __launch_bounds__(kThreads, 1)
           const bool base = kb < shape.base_k_blocks;
           const int k0 = (base ? kb : kb - shape.base_k_blocks) * kTileK;
           copy_tile_async(x_tile, base ? &x_map : &xs_map, &full[stage], k0, m0);
-          copy_tile_multicast_async(w_part, base ? &w_map : &b_map, &full[stage], k0, w_row, kBothBlocks);
+          const CUtensorMap* right_map = base ? &w_map : &b_map;
+          if constexpr (kRight == RightOperand::kKContiguous) {
+            copy_tile_multicast_async(w_part, right_map, &full[stage], k0, w_row, kBothBlocks);
+          } else {
+            // This block's 128 columns of the K block as two (64 K rows × 64 columns) boxes, one after the other.
+            copy_tile_multicast_async(w_part, right_map, &full[stage], w_row, k0, kBothBlocks);
+            copy_tile_multicast_async(w_part + kTileWPartBytes / 2, right_map, &full[stage], w_row + 64, k0,
+                                      kBothBlocks);
+          }
           if (++stage == kStages) {
             stage = 0;
             phase ^= 1;
@@ -188,11 +202,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int ks = 0; ks < kTileK / 16; ++ks) {
           const uint64_t desc_x = swizzled_tile_descriptor(x_tile + ks * 32);
-          const uint64_t desc_w = swizzled_tile_descriptor(w_tile + ks * 32);
-          if constexpr (std::is_same_v<T, at::BFloat16>) {
-            wgmma_m64n256k16_bf16(acc, desc_x, desc_w, (kb > 0 || ks > 0) ? 1 : 0);
+          const int accumulate = (kb > 0 || ks > 0) ? 1 : 0;
+          if constexpr (kRight == RightOperand::kKContiguous) {
+            const uint64_t desc_w = swizzled_tile_descriptor(w_tile + ks * 32);
+            if constexpr (std::is_same_v<T, at::BFloat16>) {
+              wgmma_m64n256k16_bf16(acc, desc_x, desc_w, accumulate);
+            } else {
+              wgmma_m64n256k16_f16(acc, desc_x, desc_w, accumulate);
+            }
           } else {
-            wgmma_m64n256k16_f16(acc, desc_x, desc_w, (kb > 0 || ks > 0) ? 1 : 0);
+            // 16 K rows = two 8-row swizzle atoms of every 64-column box (kTileK × 64 × 2 bytes apart).
+            const uint64_t desc_w = swizzled_n_major_tile_descriptor(w_tile + ks * 16 * 128, kTileK * 64 * 2);
+            if constexpr (std::is_same_v<T, at::BFloat16>) {
+              wgmma_m64n256k16_bf16_n_major_b(acc, desc_x, desc_w, accumulate);
+            } else {
+              wgmma_m64n256k16_f16_n_major_b(acc, desc_x, desc_w, accumulate);
+            }
           }
         }
         wgmma_commit();
@@ -339,17 +364,18 @@ cudaLaunchConfig_t launch_config(unsigned clusters, cudaStream_t stream, cudaLau
 // registers, the stub a handful), where its shared memory cannot be raised to kSharedBytes, where no cluster of it
 // fits, or where the driver cannot encode tensor maps. Setting the shared-memory limit here, once, also serves
 // every later launch on the device.
-template <typename T>
+template <typename T, RightOperand kRight>
 int kernel_clusters() {
   constexpr int kMaxDevices = 64;
   static std::array<std::atomic<int>, kMaxDevices> decided{};  // 0: not yet; -1: cannot run; > 0: clusters
+  // (one table per instantiation: each kernel's attributes are set and its occupancy asked for separately)
   const int device = c10::cuda::current_device();
   std::atomic<int>* slot = device < kMaxDevices ? &decided[device] : nullptr;
   if (slot != nullptr) {
     const int known = slot->load();
     if (known != 0) return std::max(known, 0);
   }
-  auto kernel = lora_gemm_sm90_kernel<T>;
+  auto kernel = lora_gemm_sm90_kernel<T, kRight>;
   int clusters = 0;
   cudaFuncAttributes attributes{};
   bool failed = false;
@@ -389,27 +415,97 @@ bool copy_engine_rows(const at::Tensor& t) {
          reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
+// LORA_EXT_FUSED_GRAD_X=0 keeps the backward's dx on cuBLAS + the expand while the forward keeps the fused GEMM
+// (benchmarks compare both in one process).
+bool fused_grad_x_enabled() {
+  const char* setting = std::getenv("LORA_EXT_FUSED_GRAD_X");
+  return setting == nullptr || std::strcmp(setting, "0") != 0;
+}
+
+// The checks both GEMMs share: left (M × K) and weight in one 16-bit dtype with rows the copy engine can read, the
+// shape one where the GEMM pays (or forced), a Hopper GPU on which the kernel of this layout can run.
+template <RightOperand kRight>
+bool gemm_usable(const at::Tensor& left, const at::Tensor& weight, int64_t k, int64_t n, int64_t rank) {
+  const FusedGemmSetting setting = fused_gemm_setting();
+  if (setting == FusedGemmSetting::kOff) return false;
+  const auto dtype = left.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  if (weight.scalar_type() != dtype) return false;
+  const int64_t tokens = left.size(0);
+  if (rank < 1) return false;
+  if (setting == FusedGemmSetting::kAuto && !fused_gemm_pays(tokens, k, n, rank)) return false;
+  if (k % 8 != 0 || n % 8 != 0) return false;
+  // Tile origins and copy coordinates are 32-bit: the last row pair's origin (up to 2 tiles past the last row) and
+  // the last column tile's second half must fit.
+  if (tokens > INT32_MAX - 2 * kTileM || n > INT32_MAX - kTileN || k > INT32_MAX) return false;
+  if (!copy_engine_rows(left) || !copy_engine_rows(weight)) return false;
+  const auto* properties = at::cuda::getDeviceProperties(left.get_device());
+  if (properties->major != 9 || properties->minor != 0) return false;
+  return (dtype == at::kBFloat16 ? kernel_clusters<at::BFloat16, kRight>() : kernel_clusters<at::Half, kRight>()) > 0;
+}
+
+// out (M × N, new) = left·right + left_rank·right_rank (+ bias), one GEMM over K + r. The right operands are
+// (N × K) and (N × r) for kKContiguous, (K × N) and (r × N) for kNContiguous.
+template <RightOperand kRight>
+at::Tensor launch_gemm(const at::Tensor& left, const at::Tensor& right, const c10::optional<at::Tensor>& bias,
+                       const at::Tensor& left_rank, const at::Tensor& right_rank, int64_t k, int64_t n) {
+  const int64_t tokens = left.size(0), rank = left_rank.size(1);
+  at::Tensor out = at::empty({tokens, n}, left.options());
+  if (tokens == 0) return out;
+  constexpr bool k_contiguous = kRight == RightOperand::kKContiguous;
+  TORCH_INTERNAL_ASSERT(copy_engine_rows(left_rank) && copy_engine_rows(right_rank) &&
+                        left_rank.scalar_type() == left.scalar_type() && right_rank.scalar_type() == left.scalar_type() &&
+                        right_rank.size(k_contiguous ? 1 : 0) == rank);
+  // The right operands are copied in half-tiles (128 of the tile's 256 columns), one per block of the cluster
+  // (multicast to both): one (128 × 64 K) box of a K-contiguous matrix, or two (64 K × 64) boxes of an N-contiguous
+  // one.
+  const uint32_t right_box_rows = k_contiguous ? kTileN / kClusterBlocks : kTileK;
+  const CUtensorMap left_map = tile_map(left, k, kTileM), right_map = tile_map(right, k_contiguous ? k : n, right_box_rows);
+  const CUtensorMap left_rank_map = tile_map(left_rank, rank, kTileM);
+  const CUtensorMap right_rank_map = tile_map(right_rank, k_contiguous ? rank : n, right_box_rows);
+  const CUtensorMap out_map = tile_map(out, n, 64);  // the epilogue's 64 × 64 boxes
+  GemmShape shape;
+  shape.tokens = tokens;
+  shape.out = n;
+  shape.base_k_blocks = static_cast<int>((k + kTileK - 1) / kTileK);
+  shape.lora_k_blocks = static_cast<int>((rank + kTileK - 1) / kTileK);
+  const int64_t row_tiles = (tokens + kTileM - 1) / kTileM;
+  shape.row_pairs = static_cast<int>((row_tiles + kClusterBlocks - 1) / kClusterBlocks);
+  shape.column_tiles = static_cast<int>((n + kTileN - 1) / kTileN);
+  const int pair_tiles = shape.row_pairs * shape.column_tiles;
+  const bool has_bias = bias.has_value() && bias->defined();
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    // As many clusters as fit at once (not every SM pair can host one), or fewer if there are fewer tiles.
+    const int clusters = kernel_clusters<T, kRight>();
+    LORA_CHECK(clusters > 0, "lora_ext: the fused Hopper GEMM cannot run on this GPU (its usable check said so)");
+    cudaLaunchAttribute cluster;
+    const cudaLaunchConfig_t config =
+        launch_config(static_cast<unsigned>(std::min(pair_tiles, clusters)), at::cuda::getCurrentCUDAStream(), &cluster);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, lora_gemm_sm90_kernel<T, kRight>, left_map, right_map, left_rank_map,
+                                      right_rank_map, out_map, has_bias ? bias->data_ptr<T>() : nullptr, shape));
+  };
+  if (left.scalar_type() == at::kBFloat16) {
+    launch(at::BFloat16{});
+  } else {
+    launch(at::Half{});
+  }
+  return out;
+}
+
 }  // namespace
 
 bool fused_lora_gemm_usable(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                             int64_t rank) {
-  const FusedGemmSetting setting = fused_gemm_setting();
-  if (setting == FusedGemmSetting::kOff) return false;
-  const auto dtype = x.scalar_type();
-  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
-  if (weight.scalar_type() != dtype || (bias.has_value() && bias->defined() && bias->scalar_type() != dtype)) return false;
-  const int64_t tokens = x.size(0), in_features = x.size(1), out_features = weight.size(0);
-  if (rank < 1) return false;
-  if (setting == FusedGemmSetting::kAuto && !fused_gemm_pays(tokens, in_features, out_features, rank)) return false;
-  if (in_features % 8 != 0 || out_features % 8 != 0) return false;
-  // Tile origins and copy coordinates are 32-bit: the last row pair's origin (up to 2 tiles past the last row) and
-  // the last column tile's second half must fit.
-  if (tokens > INT32_MAX - 2 * kTileM || out_features > INT32_MAX - kTileN || in_features > INT32_MAX) return false;
-  if (!copy_engine_rows(x) || !copy_engine_rows(weight)) return false;
-  if (bias.has_value() && bias->defined() && !bias->is_contiguous()) return false;
-  const auto* properties = at::cuda::getDeviceProperties(x.get_device());
-  if (properties->major != 9 || properties->minor != 0) return false;
-  return (dtype == at::kBFloat16 ? kernel_clusters<at::BFloat16>() : kernel_clusters<at::Half>()) > 0;
+  if (bias.has_value() && bias->defined() && (bias->scalar_type() != x.scalar_type() || !bias->is_contiguous())) {
+    return false;
+  }
+  return gemm_usable<RightOperand::kKContiguous>(x, weight, x.size(1), weight.size(0), rank);
+}
+
+bool fused_lora_grad_x_usable(const at::Tensor& grad_y, const at::Tensor& weight, int64_t rank) {
+  return fused_grad_x_enabled() &&
+         gemm_usable<RightOperand::kNContiguous>(grad_y, weight, weight.size(0), weight.size(1), rank);
 }
 
 at::Tensor lora_gemm_operand(const at::Tensor& t, at::ScalarType dtype, double scale) {
@@ -428,42 +524,13 @@ at::Tensor lora_gemm_operand(const at::Tensor& t, at::ScalarType dtype, double s
 
 at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            const at::Tensor& xs, const at::Tensor& lora_B) {
-  const int64_t tokens = x.size(0), in = x.size(1), out = weight.size(0), rank = xs.size(1);
-  at::Tensor y = at::empty({tokens, out}, x.options());
-  if (tokens == 0) return y;
-  TORCH_INTERNAL_ASSERT(copy_engine_rows(xs) && copy_engine_rows(lora_B) && xs.scalar_type() == x.scalar_type() &&
-                        lora_B.scalar_type() == x.scalar_type() && lora_B.size(1) == rank);
-  // W and B are copied in half-tiles, one per block of the cluster (multicast to both).
-  const CUtensorMap x_map = tile_map(x, in, kTileM), w_map = tile_map(weight, in, kTileN / kClusterBlocks);
-  const CUtensorMap xs_map = tile_map(xs, rank, kTileM), b_map = tile_map(lora_B, rank, kTileN / kClusterBlocks);
-  const CUtensorMap y_map = tile_map(y, out, 64);  // the epilogue's 64 × 64 boxes
-  GemmShape shape;
-  shape.tokens = tokens;
-  shape.out = out;
-  shape.base_k_blocks = static_cast<int>((in + kTileK - 1) / kTileK);
-  shape.lora_k_blocks = static_cast<int>((rank + kTileK - 1) / kTileK);
-  const int64_t row_tiles = (tokens + kTileM - 1) / kTileM;
-  shape.row_pairs = static_cast<int>((row_tiles + kClusterBlocks - 1) / kClusterBlocks);
-  shape.column_tiles = static_cast<int>((out + kTileN - 1) / kTileN);
-  const int pair_tiles = shape.row_pairs * shape.column_tiles;
-  const bool has_bias = bias.has_value() && bias->defined();
-  auto launch = [&](auto tag) {
-    using T = decltype(tag);
-    // As many clusters as fit at once (not every SM pair can host one), or fewer if there are fewer tiles.
-    const int clusters = kernel_clusters<T>();
-    LORA_CHECK(clusters > 0, "lora_ext: the fused Hopper GEMM cannot run on this GPU (fused_lora_gemm_usable said so)");
-    cudaLaunchAttribute cluster;
-    const cudaLaunchConfig_t config =
-        launch_config(static_cast<unsigned>(std::min(pair_tiles, clusters)), at::cuda::getCurrentCUDAStream(), &cluster);
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, lora_gemm_sm90_kernel<T>, x_map, w_map, xs_map, b_map,
-                                      y_map, has_bias ? bias->data_ptr<T>() : nullptr, shape));
-  };
-  if (x.scalar_type() == at::kBFloat16) {
-    launch(at::BFloat16{});
-  } else {
-    launch(at::Half{});
-  }
-  return y;
+  return launch_gemm<RightOperand::kKContiguous>(x, weight, bias, xs, lora_B, x.size(1), weight.size(0));
+}
+
+at::Tensor fused_lora_grad_x(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& grad_s,
+                             const at::Tensor& lora_A) {
+  return launch_gemm<RightOperand::kNContiguous>(grad_y, weight, c10::nullopt, grad_s, lora_A, weight.size(0),
+                                                 weight.size(1));
 }
 
 }  // namespace cuda
@@ -483,6 +550,13 @@ at::Tensor lora_gemm_operand(const at::Tensor& t, at::ScalarType, double) { retu
 at::Tensor fused_lora_gemm(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
                            const at::Tensor&) {
   LORA_CHECK(false, "lora_ext: this build has no sm_90a kernels (fused_lora_gemm_usable says so)");
+  return at::Tensor();
+}
+
+bool fused_lora_grad_x_usable(const at::Tensor&, const at::Tensor&, int64_t) { return false; }
+
+at::Tensor fused_lora_grad_x(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  LORA_CHECK(false, "lora_ext: this build has no sm_90a kernels (fused_lora_grad_x_usable says so)");
   return at::Tensor();
 }
 

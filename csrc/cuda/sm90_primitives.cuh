@@ -164,6 +164,17 @@ __device__ __forceinline__ uint64_t swizzled_tile_descriptor(const void* tile) {
   return ((address & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
 }
 
+// Descriptor of an N-major (MN-major) B tile in the same 128-byte swizzle: rows of 64 16-bit elements along N, one
+// row per K index, as the copy engine writes a (64 K rows × 64 columns) box of a row-major (K × N) matrix. The
+// swizzle atom is 8 K rows × 64 N columns (1024 bytes): the stride byte offset steps 8 K rows (1024 bytes within a
+// box), the leading byte offset steps 64 N columns (the next box, `box_bytes` on). Advancing K by 16 is +2 atoms
+// (+2048 bytes) on the start address.
+__device__ __forceinline__ uint64_t swizzled_n_major_tile_descriptor(const void* tile, uint32_t box_bytes) {
+  const uint64_t address = shared_address(tile);
+  return ((address & 0x3FFFF) >> 4) | (uint64_t{box_bytes >> 4} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int kPending>
@@ -175,10 +186,10 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_accumulator(float& value) { asm volatile("" : "+f"(value)::"memory"); }
 
 // Defines NAME(d, desc_a, desc_b, scale_d): d (64 × 256 float32 in the m64n256 accumulator layout) (+)=
-// A (64 × 16) · B (256 × 16)ᵀ, both K-major in shared memory, addressed by their descriptors; scale_d = 0
-// overwrites d (a tile's first K step). TYPE is the PTX operand type (bf16 or f16). The operand list is long
-// because the instruction names all 128 accumulator registers of the thread.
-#define LORA_EXT_DEFINE_WGMMA_M64N256K16(NAME, TYPE)                                                       \
+// A (64 × 16) · B (256 × 16)ᵀ in shared memory, addressed by their descriptors: A K-major, B K-major
+// (TRANSPOSE_B = 0) or N-major (1); scale_d = 0 overwrites d (a tile's first K step). TYPE is the PTX operand type
+// (bf16 or f16). The operand list is long because the instruction names all 128 accumulator registers of the thread.
+#define LORA_EXT_DEFINE_WGMMA_M64N256K16(NAME, TYPE, TRANSPOSE_B)                                                     \
   __device__ __forceinline__ void NAME(float(&d)[128], uint64_t desc_a, uint64_t desc_b, int scale_d) {   \
     asm volatile(                                                                                        \
       "{\n"                                                                                               \
@@ -193,7 +204,7 @@ __device__ __forceinline__ void fence_accumulator(float& value) { asm volatile("
       "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "   \
       "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "   \
       "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"   \
-      "}, %128, %129, p, 1, 1, 0, 0;\n"                                                                   \
+      "}, %128, %129, p, 1, 1, 0, " #TRANSPOSE_B ";\n"                                                                 \
       "}\n"                                                                                               \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),   \
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),   \
@@ -214,8 +225,10 @@ __device__ __forceinline__ void fence_accumulator(float& value) { asm volatile("
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                                          \
   }
 
-LORA_EXT_DEFINE_WGMMA_M64N256K16(wgmma_m64n256k16_bf16, bf16)
-LORA_EXT_DEFINE_WGMMA_M64N256K16(wgmma_m64n256k16_f16, f16)
+LORA_EXT_DEFINE_WGMMA_M64N256K16(wgmma_m64n256k16_bf16, bf16, 0)
+LORA_EXT_DEFINE_WGMMA_M64N256K16(wgmma_m64n256k16_f16, f16, 0)
+LORA_EXT_DEFINE_WGMMA_M64N256K16(wgmma_m64n256k16_bf16_n_major_b, bf16, 1)
+LORA_EXT_DEFINE_WGMMA_M64N256K16(wgmma_m64n256k16_f16_n_major_b, f16, 1)
 #undef LORA_EXT_DEFINE_WGMMA_M64N256K16
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

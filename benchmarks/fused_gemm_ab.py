@@ -1,13 +1,15 @@
 """The Hopper fused forward GEMM against the path it replaces, side by side in one process (GPU only):
 
-    python benchmarks/fused_gemm_ab.py [--shapes 8192x4096x4096x16,...] [--backward] [--grad-x]
+    python benchmarks/fused_gemm_ab.py [--shapes 8192x4096x4096x16,...] [--backward] [--grad-x [--force]]
+                                       [--dropout P]
 
 Per shape (tokens × in × out × r, bf16, with bias): the frozen base layer (F.linear), lora_ext's forward with the
 fused GEMM (LORA_EXT_FUSED_GEMM=force, below its size cutoff too) and without it (=0: cuBLAS, then our expand
 kernel), PEFT's lora.Linear when importable, each as a ratio to the base; medians of triton's do_bench after
 warm-up, in interleaved rounds; random data. With --grad-x (implies --backward) the A/B is the backward's dx
 instead: both variants leave the forward to its default routing, "fused" computes dx with the GEMM (dy·W + dxa·A)
-and "unfused" with cuBLAS + the expand (LORA_EXT_FUSED_GRAD_X=0). Then torch.profiler's GPU time per kernel for both lora_ext paths
+and "unfused" with cuBLAS + the expand (LORA_EXT_FUSED_GRAD_X=0); --force lifts the size cutoffs of both GEMMs
+(LORA_EXT_FUSED_GEMM=force in both variants). --dropout sets the LoRA dropout of lora_ext's layer and PEFT's. Then torch.profiler's GPU time per kernel for both lora_ext paths
 (kernel_breakdown.profiled). A diagnostic for docs/perf-notes.md; bench_lora.py
 is the benchmark of record.
 """
@@ -26,11 +28,15 @@ DEFAULT_SHAPES = "8192x4096x4096x16,8192x4096x4096x64,8192x4096x11008x16,4096x40
 
 
 GRAD_X_ONLY = False  # set by --grad-x
+FORCE = False  # set by --force
 
 
 def set_fused(enabled):
     if GRAD_X_ONLY:
-        os.environ.pop("LORA_EXT_FUSED_GEMM", None)  # the default routing, forward and backward
+        if FORCE:
+            os.environ["LORA_EXT_FUSED_GEMM"] = "force"
+        else:
+            os.environ.pop("LORA_EXT_FUSED_GEMM", None)  # the default routing, forward and backward
         os.environ["LORA_EXT_FUSED_GRAD_X"] = "1" if enabled else "0"
     else:
         os.environ["LORA_EXT_FUSED_GEMM"] = "force" if enabled else "0"  # force: below its size cutoff too
@@ -49,9 +55,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backward", action="store_true", help="time forward + backward (x requires grad)")
     parser.add_argument("--grad-x", action="store_true", help="A/B of the backward's fused dx only")
+    parser.add_argument("--force", action="store_true", help="with --grad-x: both GEMMs past their size cutoffs")
+    parser.add_argument("--dropout", type=float, default=0.0)
     args = parser.parse_args()
-    global GRAD_X_ONLY
-    GRAD_X_ONLY = args.grad_x
+    global GRAD_X_ONLY, FORCE
+    GRAD_X_ONLY, FORCE = args.grad_x, args.force
     args.backward = args.backward or args.grad_x
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, sm_90a build: "
           f"{lora_ext.built_with_sm90a()}")
@@ -63,7 +71,7 @@ def main():
         tokens, width_in, width_out, rank = (int(v) for v in spec.split("x"))
         dt = torch.bfloat16
         base = torch.nn.Linear(width_in, width_out, device="cuda", dtype=dt).requires_grad_(False)
-        layer = lora_ext.LoRALinear.from_linear(base, r=rank, alpha=2 * rank)
+        layer = lora_ext.LoRALinear.from_linear(base, r=rank, alpha=2 * rank, dropout=args.dropout)
         with torch.no_grad():
             layer.lora_B.normal_(0, 0.02)
         x = torch.randn(tokens, width_in, device="cuda", dtype=dt)
@@ -83,7 +91,7 @@ def main():
             }
         if PeftLinear is not None:
             peft = PeftLinear(torch.nn.Linear(width_in, width_out, device="cuda", dtype=dt).requires_grad_(False),
-                              "default", r=rank, lora_alpha=2 * rank)
+                              "default", r=rank, lora_alpha=2 * rank, lora_dropout=args.dropout)
             peft.to(device="cuda", dtype=dt)
             calls["peft"] = (lambda: peft(x).backward(dy)) if args.backward else (lambda: peft(x))
         # Rounds of every variant in turn, median per variant: the GPU's clock drifts as it warms up, and
@@ -97,6 +105,7 @@ def main():
         outputs = []
         for enabled in (True, False):
             set_fused(enabled)
+            torch.manual_seed(0)  # the same dropout seed for both variants
             if args.backward:
                 x.grad = None
                 layer(x).backward(dy)

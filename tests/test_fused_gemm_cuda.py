@@ -1,5 +1,5 @@
 """The Hopper forward GEMM with the LoRA expand folded in (csrc/cuda/lora_gemm_sm90.cu): y = x·Wᵀ + b + (s·xa)·Bᵀ
-as one GEMM over in + r, and the backward's dx = dy·W + (s·dy·B)·A by the same kernel over out + r (no dropout). It serves 16-bit x on compute capability 9.0 when the build carries sm_90a, on shapes where it
+as one GEMM over in + r, and the backward's dx = dy·W + keep ⊙ (s·dy·B)·A/(1 − p) by the same kernel over out + r. It serves 16-bit x on compute capability 9.0 when the build carries sm_90a, on shapes where it
 pays (≥ 8192 tokens, out ≥ 2048 and in ≤ 4096, or ≤ 6144 for r > 16; LORA_EXT_FUSED_GEMM=force lifts that, as
 here; =0 turns it off). These shapes sit on its tile
 edges (tokens % 128, in % 64, out % 256, r across the 64-wide K blocks). Each is
@@ -87,37 +87,66 @@ def test_fused_forward_then_backward(monkeypatch, dtype, adapter_dtype, shape, d
     _check_backward(x, *make_params(in_features, out_features, rank, dtype, adapter_dtype, "cuda"), dropout_p)
 
 
-def _grad_x(monkeypatch, grad_y, x, weight, lora_A, lora_B, xa, fused):
+def _grad_x(monkeypatch, grad_y, x, weight, lora_A, lora_B, xa, dropout_p, fused):
+    seed = seed_tensor(1234, x.device) if dropout_p > 0 else None  # the seed _forward drew xa with
     monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force" if fused else "0")  # force: these shapes are below its cutoff
-    return torch.ops.lora_ext.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.0, None, True)
+    return torch.ops.lora_ext.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, dropout_p, seed, True)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("grad_y_layout", ["contiguous", "offset"])
 @pytest.mark.parametrize("shape", FUSED_SHAPES)
 @pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
-def test_fused_grad_x_within_one_rounding(monkeypatch, dtype, adapter_dtype, shape, grad_y_layout):
-    """The backward's dx = dy·W + (s·dy·B)·A as the same GEMM with W read along its rows (K = out, N = in): within one
-    rounding of the float64 reference and of the cuBLAS + expand path; the adapter gradients are the same bits on
-    both paths (they do not depend on how dx is made). An offset dy (rows 16-byte aligned only where out allows it)
-    takes whichever path its layout allows, with the same answer."""
+def test_fused_grad_x_within_one_rounding(monkeypatch, dtype, adapter_dtype, shape, grad_y_layout, dropout_p):
+    """The backward's dx = dy·W + keep ⊙ ((s·dy·B)·A)/(1 − p) as the same GEMM with W read along its rows (K = out,
+    N = in), the mask applied to the rank-r K blocks' partial sum in the accumulators: within one rounding of the
+    float64 reference and of the cuBLAS + expand path; the adapter gradients are the same bits on both paths (they do
+    not depend on how dx is made). An offset dy (rows 16-byte aligned only where out allows it) takes whichever path
+    its layout allows, with the same answer. The persistent shape's clusters walk several tiles, so the keep bits
+    drawn ahead for the next tile are checked there."""
     tokens, in_features, out_features, rank = shape
     x = make_x(tokens, in_features, dtype, "cuda")
     weight, bias, lora_A, lora_B = make_params(in_features, out_features, rank, dtype, adapter_dtype, "cuda")
-    _, xa, _ = _forward(monkeypatch, x, weight, bias, lora_A, lora_B, 0.0, fused=True)
+    _, xa, keep = _forward(monkeypatch, x, weight, bias, lora_A, lora_B, dropout_p, fused=True)
     grad_y = make_x(tokens, out_features, dtype, "cuda", layout=grad_y_layout)
     grad_y_before = grad_y.clone()
-    grad_x, grad_A, grad_B = _grad_x(monkeypatch, grad_y, x, weight, lora_A, lora_B, xa, fused=True)
+    grad_x, grad_A, grad_B = _grad_x(monkeypatch, grad_y, x, weight, lora_A, lora_B, xa, dropout_p, fused=True)
     assert torch.equal(grad_y, grad_y_before)
-    ref = lora_reference(x, weight, bias, lora_A, lora_B, SCALING, grad_y=grad_y)
+    ref = lora_reference(x, weight, bias, lora_A, lora_B, SCALING, dropout_p, keep, grad_y=grad_y)
     # dxa = s·dy·B is rounded to dy's dtype for the GEMM, as s·xa is in the forward; float32 adapters are rounded too.
     bound = (2 if adapter_dtype == dtype else 4) * UNIT_ROUNDOFF[dtype]
     assert grad_x.shape == (tokens, in_features) and grad_x.dtype == dtype
     assert torch.isfinite(grad_x).all()
     assert relative_error(grad_x, ref["grad_x"]) <= bound
 
-    unfused_x, unfused_A, unfused_B = _grad_x(monkeypatch, grad_y, x, weight, lora_A, lora_B, xa, fused=False)
+    unfused_x, unfused_A, unfused_B = _grad_x(monkeypatch, grad_y, x, weight, lora_A, lora_B, xa, dropout_p, fused=False)
     assert relative_error(grad_x, unfused_x) <= bound
     assert torch.equal(grad_A, unfused_A) and torch.equal(grad_B, unfused_B)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_fused_grad_x_dropout_when_the_reduction_cannot_draw_the_mask(monkeypatch, dtype):
+    """The fused dx reads x's dropout mask as keep bytes that the dA reduction writes as it draws the mask. x at an
+    8-byte offset sends that reduction to its general kernel, which writes none: a kernel of their own draws them,
+    and dx is the same as the cuBLAS + expand path's, and within one rounding of the reference."""
+    tokens, in_features, out_features, rank = 1031, 520, 264, 8
+    wide = make_x(tokens, in_features + 8, dtype, "cuda")
+    x = wide[:, 4 : 4 + in_features]  # rows 16-byte aligned in pitch, the start only 8
+    assert x.data_ptr() % 16 == 8
+    weight, bias, lora_A, lora_B = make_params(in_features, out_features, rank, dtype, dtype, "cuda")
+    _, xa, keep = _forward(monkeypatch, x, weight, bias, lora_A, lora_B, 0.3, fused=True)
+    grad_y = make_x(tokens, out_features, dtype, "cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        grad_x, _, _ = _grad_x(monkeypatch, grad_y, x, weight, lora_A, lora_B, xa, 0.3, fused=True)
+        torch.cuda.synchronize()
+    kernels = [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    if fused_gemm_serves(x.device):
+        assert any("dropout_keep_bytes_kernel" in name for name in kernels), kernels
+        assert any("lora_gemm_sm90_kernel" in name for name in kernels), kernels
+    unfused_x, _, _ = _grad_x(monkeypatch, grad_y, x, weight, lora_A, lora_B, xa, 0.3, fused=False)
+    ref = lora_reference(x, weight, bias, lora_A, lora_B, SCALING, 0.3, keep, grad_y=grad_y)
+    assert relative_error(grad_x, ref["grad_x"]) <= 2 * UNIT_ROUNDOFF[dtype]
+    assert relative_error(grad_x, unfused_x) <= 2 * UNIT_ROUNDOFF[dtype]
 
 
 @pytest.mark.parametrize(
@@ -126,7 +155,7 @@ def test_fused_grad_x_within_one_rounding(monkeypatch, dtype, adapter_dtype, sha
      ({}, 8192, 2048, 4096, 0.0, True),
      ({}, 8192, 2048, 6144, 0.0, False),  # K = out past the r ≤ 16 cutoff
      ({}, 4096, 2048, 4096, 0.0, False),  # too few tokens
-     ({"LORA_EXT_FUSED_GEMM": "force"}, 2048, 256, 512, 0.1, False),  # the dropout mask keeps the expand
+     ({"LORA_EXT_FUSED_GEMM": "force"}, 2048, 256, 512, 0.1, True),  # the mask applied inside the GEMM
      ({"LORA_EXT_FUSED_GEMM": "force", "LORA_EXT_FUSED_GRAD_X": "0"}, 2048, 256, 512, 0.0, False),
      ({"LORA_EXT_FUSED_GEMM": "0"}, 8192, 2048, 4096, 0.0, False)],
     ids=["forced-small", "auto", "auto-out6144", "auto-few-tokens", "dropout", "grad-x-off", "off"],

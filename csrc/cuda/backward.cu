@@ -4,8 +4,8 @@
 //
 //   dxa = s·dy·B;  dB = s·dyᵀ·xa;  dA = dxaᵀ·dropout(x);  dx = dy·W (cuBLAS) + keep·dxa·A/(1−p).
 // dxa and dB come from one pass over dy where lora_dy_pass.cuh serves (r ≤ 16), else from the shrink and the token
-// reduction, one pass each. Without dropout, from 8192 tokens on Hopper, dx is one GEMM of our own over out + r
-// (dy·W + dxa·A, lora_gemm_sm90.h) instead of cuBLAS's dy·W and the expand's read and write of dx.
+// reduction, one pass each. From 8192 tokens on Hopper, dx is one GEMM of our own over out + r (dy·W + keep·dxa·A,
+// lora_gemm_sm90.h) instead of cuBLAS's dy·W and the expand's read and write of dx.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "../checks.h"
+#include "dropout_keep_bytes.cuh"
 #include "lora_dy_pass.cuh"
 #include "lora_gemm_sm90.h"
 #include "lora_steps.cuh"
@@ -53,8 +54,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   const at::Tensor activation = lora_activation.contiguous();
   const int64_t* seed = dropout_p > 0.0 ? dropout_seed->data_ptr<int64_t>() : nullptr;
   // dx by the fused GEMM (after dxa, below), or by cuBLAS now and the expand kernel last.
-  const bool fused_grad_x = compute_grad_x && seed == nullptr && x.scalar_type() == grad_y.scalar_type() &&
+  const bool fused_grad_x = compute_grad_x && x.scalar_type() == grad_y.scalar_type() &&
                             fused_lora_grad_x_usable(grad_y, weight, dims.rank);
+  // With dropout, the fused dx reads x's mask as keep bytes (4 MB at 8192 × 4096, freed with the call), written by
+  // the dA reduction below as it draws that mask, or by a kernel of their own where the reduction cannot.
+  at::Tensor keep_bytes;
+  if (fused_grad_x && seed != nullptr) keep_bytes = new_keep_bytes(dims.tokens, dims.in_features, x.options());
   at::Tensor grad_x = compute_grad_x && !fused_grad_x ? at::matmul(grad_y, weight) : at::empty({0}, x.options());
   const uint32_t threshold = dropout_threshold(dropout_p);
   const double keep_scale = dropout_keep_scale(dropout_p);
@@ -90,7 +95,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     }
     // dAᵀ[k, j] = Σ_t dropout(x)[t, k] · dxa[t, j]
     if (seed != nullptr) {
-      token_reduce_step<act_t, true>(grad_A_t, x, grad_activation, keep_scale, seed, threshold);
+      const bool wrote = token_reduce_step<act_t, true>(grad_A_t, x, grad_activation, keep_scale, seed, threshold,
+                                                        keep_bytes_out(keep_bytes));
+      if (keep_bytes.defined() && !wrote) launch_dropout_keep_bytes(keep_bytes, dims.in_features, seed, threshold);
     } else {
       token_reduce_step<act_t, false>(grad_A_t, x, grad_activation, keep_scale);
     }
@@ -104,9 +111,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     }
   });
   if (fused_grad_x) {
-    // dxa rounded once to dy's dtype for the GEMM's K steps, as the forward rounds s·xa (no dropout: keep_scale = 1).
-    grad_x = fused_lora_grad_x(grad_y, weight, lora_gemm_operand(grad_activation, grad_y.scalar_type()),
-                               lora_gemm_operand(lora_A, grad_y.scalar_type()));
+    // keep_scale·dxa rounded once to dy's dtype for the GEMM's K steps, as the forward rounds s·xa.
+    grad_x = fused_lora_grad_x(grad_y, weight, lora_gemm_operand(grad_activation, grad_y.scalar_type(), keep_scale),
+                               lora_gemm_operand(lora_A, grad_y.scalar_type()), keep_bytes);
   }
   return {grad_x, grad_A, grad_B};
 }

@@ -74,6 +74,14 @@ bool fused_gemm_pays(int64_t tokens, int64_t in_features, int64_t out_features, 
 // with its B operand transposed, so neither is ever copied.
 enum class RightOperand { kKContiguous, kNContiguous };
 
+// The dropout mask of dx's rank-r term: keep[t, k] multiplies (dxs·A)[t, k]. One byte per row and 8 columns, bit e for
+// column 8g + e (dropout_keep8's bits), drawn earlier in the backward (dropout_keep_bytes.cuh); rows `pitch` bytes
+// apart, pitch a multiple of 32 (a tile's 256 columns are 32 bytes: whole 16-byte loads). nullptr: no mask.
+struct DropoutMask {
+  const uint8_t* keep_bytes;
+  int64_t pitch;
+};
+
 struct GemmShape {
   int64_t tokens, out;  // M, N
   int base_k_blocks;    // ⌈in / 64⌉ (K of the base product: in forward, out for dx)
@@ -108,18 +116,55 @@ __device__ __forceinline__ uint32_t pack_pair(float first, float second) {
   return word;
 }
 
+// The keep bytes of a consumer thread's accumulators in one tile: for row half h (rows +0 and +8), the 32 bytes of
+// the tile's 32 eight-column blocks, as two 16-byte loads. Loaded when the tile starts, so the loads are in flight
+// while the rank-r K blocks' MMAs run.
+struct TileKeepBytes {
+  uint4 half[2][2];
+};
+
+__device__ __forceinline__ void load_keep_bytes(TileKeepBytes& keep, const DropoutMask& mask, int64_t tokens, int64_t row,
+                                                int n0) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int64_t r = row + 8 * h;
+      keep.half[h][c] = r < tokens ? __ldg(reinterpret_cast<const uint4*>(mask.keep_bytes + r * mask.pitch + n0 / 8) + c)
+                                   : make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// Zeroes the accumulators (the rank-r term alone at this point) of the dropped elements: block j's byte holds this
+// lane's two columns 8j + 2(lane % 4) and +1 at bits 2(lane % 4) and +1.
+__device__ __forceinline__ void apply_keep_bytes(float (&acc)[128], const TileKeepBytes& keep) {
+  const int shift = 2 * (threadIdx.x % 4);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t words[8] = {keep.half[h][0].x, keep.half[h][0].y, keep.half[h][0].z, keep.half[h][0].w,
+                               keep.half[h][1].x, keep.half[h][1].y, keep.half[h][1].z, keep.half[h][1].w};
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const uint32_t pair = words[j / 4] >> (8 * (j % 4) + shift);
+      if ((pair & 1u) == 0) acc[4 * j + 2 * h] = 0.f;
+      if ((pair & 2u) == 0) acc[4 * j + 2 * h + 1] = 0.f;
+    }
+  }
+}
+
 // A consumer warpgroup is done reading a stage: tell both blocks' producers (each refills part of it).
 __device__ __forceinline__ void release_stage(uint64_t* empty_barrier) {
   for (uint32_t block = 0; block < kClusterBlocks; ++block) sm90::mbarrier_arrive_cluster(empty_barrier, block);
 }
 #endif
 
-template <typename T, RightOperand kRight>
+template <typename T, RightOperand kRight, bool kDropout>
 __global__ void __launch_bounds__(kThreads, 1)
     lora_gemm_sm90_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                           const __grid_constant__ CUtensorMap xs_map, const __grid_constant__ CUtensorMap b_map,
                           const __grid_constant__ CUtensorMap y_map, const T* __restrict__ bias,
-                          const GemmShape shape) {
+                          const GemmShape shape, const DropoutMask dropout) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
   extern __shared__ unsigned char shared_raw[];
@@ -163,8 +208,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           unsigned char* x_tile = shared + stage * kStageBytes;
           unsigned char* w_part = x_tile + kTileXBytes + block_rank * kTileWPartBytes;
           mbarrier_arrive_expect_bytes(&full[stage], kStageBytes);  // whole boxes, zero-filled parts included
-          const bool base = kb < shape.base_k_blocks;
-          const int k0 = (base ? kb : kb - shape.base_k_blocks) * kTileK;
+          // The rank-r K blocks first: with dropout, the consumers mask that term alone before the base product
+          // joins it.
+          const bool base = kb >= shape.lora_k_blocks;
+          const int k0 = (base ? kb - shape.lora_k_blocks : kb) * kTileK;
           copy_tile_async(x_tile, base ? &x_map : &xs_map, &full[stage], k0, m0);
           const CUtensorMap* right_map = base ? &w_map : &b_map;
           if constexpr (kRight == RightOperand::kKContiguous) {
@@ -188,9 +235,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[128];
     int stage = 0;
     uint32_t phase = 0;
+    // Dropout: the first of this thread's rows in a tile (accumulator layout: its warp's 16 of its warpgroup's 64).
+    const int64_t thread_row = consumer * 64 + (thread / 32) * 16 + (thread % 32) / 4;
     for (int tile = cluster_index(); tile < pair_tiles; tile += cluster_count()) {
       int m0, n0;
       tile_origin(tile, block_rank, shape, m0, n0);
+      TileKeepBytes keep;
+      if constexpr (kDropout) load_keep_bytes(keep, dropout, shape.tokens, m0 + thread_row, n0);
       int previous_stage = -1;
       for (int kb = 0; kb < k_blocks; ++kb) {
         mbarrier_wait(&full[stage], phase);
@@ -223,6 +274,18 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_commit();
 #pragma unroll
         for (int i = 0; i < 128; ++i) fence_accumulator(acc[i]);
+        if constexpr (kDropout) {
+          if (kb == shape.lora_k_blocks - 1) {
+            // The rank-r term is complete (its K blocks come first): drop its masked elements before the base
+            // product accumulates onto it.
+            wgmma_wait<0>();
+#pragma unroll
+            for (int i = 0; i < 128; ++i) fence_accumulator(acc[i]);
+            apply_keep_bytes(acc, keep);
+#pragma unroll
+            for (int i = 0; i < 128; ++i) fence_accumulator(acc[i]);
+          }
+        }
         // Keep this stage's MMAs in flight; the previous stage's are done now, so free that stage.
         wgmma_wait<1>();
         if (previous_stage >= 0 && thread == 0) release_stage(&empty[previous_stage]);
@@ -302,7 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #else
   // The other targets of a multi-architecture build: never launched (kernel_clusters() sees this image's few
   // registers and refuses), and if it ever were, an error rather than an output left unwritten.
-  (void)x_map, (void)w_map, (void)xs_map, (void)b_map, (void)y_map, (void)bias, (void)shape;
+  (void)x_map, (void)w_map, (void)xs_map, (void)b_map, (void)y_map, (void)bias, (void)shape, (void)dropout;
   __trap();
 #endif
 }
@@ -364,7 +427,7 @@ cudaLaunchConfig_t launch_config(unsigned clusters, cudaStream_t stream, cudaLau
 // registers, the stub a handful), where its shared memory cannot be raised to kSharedBytes, where no cluster of it
 // fits, or where the driver cannot encode tensor maps. Setting the shared-memory limit here, once, also serves
 // every later launch on the device.
-template <typename T, RightOperand kRight>
+template <typename T, RightOperand kRight, bool kDropout = false>
 int kernel_clusters() {
   constexpr int kMaxDevices = 64;
   static std::array<std::atomic<int>, kMaxDevices> decided{};  // 0: not yet; -1: cannot run; > 0: clusters
@@ -375,7 +438,7 @@ int kernel_clusters() {
     const int known = slot->load();
     if (known != 0) return std::max(known, 0);
   }
-  auto kernel = lora_gemm_sm90_kernel<T, kRight>;
+  auto kernel = lora_gemm_sm90_kernel<T, kRight, kDropout>;
   int clusters = 0;
   cudaFuncAttributes attributes{};
   bool failed = false;
@@ -448,7 +511,8 @@ bool gemm_usable(const at::Tensor& left, const at::Tensor& weight, int64_t k, in
 // (N × K) and (N × r) for kKContiguous, (K × N) and (r × N) for kNContiguous.
 template <RightOperand kRight>
 at::Tensor launch_gemm(const at::Tensor& left, const at::Tensor& right, const c10::optional<at::Tensor>& bias,
-                       const at::Tensor& left_rank, const at::Tensor& right_rank, int64_t k, int64_t n) {
+                       const at::Tensor& left_rank, const at::Tensor& right_rank, int64_t k, int64_t n,
+                       const DropoutMask dropout = DropoutMask{nullptr, 0}) {
   const int64_t tokens = left.size(0), rank = left_rank.size(1);
   at::Tensor out = at::empty({tokens, n}, left.options());
   if (tokens == 0) return out;
@@ -474,21 +538,29 @@ at::Tensor launch_gemm(const at::Tensor& left, const at::Tensor& right, const c1
   shape.column_tiles = static_cast<int>((n + kTileN - 1) / kTileN);
   const int pair_tiles = shape.row_pairs * shape.column_tiles;
   const bool has_bias = bias.has_value() && bias->defined();
-  auto launch = [&](auto tag) {
-    using T = decltype(tag);
+  auto launch = [&](auto type_tag, auto dropout_tag) {
+    using T = decltype(type_tag);
+    constexpr bool kDropout = decltype(dropout_tag)::value;
     // As many clusters as fit at once (not every SM pair can host one), or fewer if there are fewer tiles.
-    const int clusters = kernel_clusters<T, kRight>();
+    const int clusters = kernel_clusters<T, kRight, kDropout>();
     LORA_CHECK(clusters > 0, "lora_ext: the fused Hopper GEMM cannot run on this GPU (its usable check said so)");
     cudaLaunchAttribute cluster;
     const cudaLaunchConfig_t config =
         launch_config(static_cast<unsigned>(std::min(pair_tiles, clusters)), at::cuda::getCurrentCUDAStream(), &cluster);
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, lora_gemm_sm90_kernel<T, kRight>, left_map, right_map, left_rank_map,
-                                      right_rank_map, out_map, has_bias ? bias->data_ptr<T>() : nullptr, shape));
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, lora_gemm_sm90_kernel<T, kRight, kDropout>, left_map, right_map,
+                                      left_rank_map, right_rank_map, out_map,
+                                      has_bias ? bias->data_ptr<T>() : nullptr, shape, dropout));
+  };
+  auto launch_typed = [&](auto type_tag) {
+    if constexpr (kRight == RightOperand::kNContiguous) {  // only dx has a masked term
+      if (dropout.keep_bytes != nullptr) return launch(type_tag, std::true_type{});
+    }
+    launch(type_tag, std::false_type{});
   };
   if (left.scalar_type() == at::kBFloat16) {
-    launch(at::BFloat16{});
+    launch_typed(at::BFloat16{});
   } else {
-    launch(at::Half{});
+    launch_typed(at::Half{});
   }
   return out;
 }
@@ -528,9 +600,17 @@ at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const 
 }
 
 at::Tensor fused_lora_grad_x(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& grad_s,
-                             const at::Tensor& lora_A) {
+                             const at::Tensor& lora_A, const at::Tensor& keep_bytes) {
+  DropoutMask mask{nullptr, 0};
+  if (keep_bytes.defined()) {
+    TORCH_INTERNAL_ASSERT(keep_bytes.scalar_type() == at::kByte && keep_bytes.is_contiguous() &&
+                          keep_bytes.size(0) == grad_y.size(0) && keep_bytes.size(1) % 32 == 0 &&
+                          keep_bytes.size(1) >= (weight.size(1) + 7) / 8 &&
+                          reinterpret_cast<uintptr_t>(keep_bytes.data_ptr()) % 16 == 0);
+    mask = DropoutMask{keep_bytes.data_ptr<uint8_t>(), keep_bytes.size(1)};
+  }
   return launch_gemm<RightOperand::kNContiguous>(grad_y, weight, c10::nullopt, grad_s, lora_A, weight.size(0),
-                                                 weight.size(1));
+                                                 weight.size(1), mask);
 }
 
 }  // namespace cuda
@@ -555,7 +635,8 @@ at::Tensor fused_lora_gemm(const at::Tensor&, const at::Tensor&, const c10::opti
 
 bool fused_lora_grad_x_usable(const at::Tensor&, const at::Tensor&, int64_t) { return false; }
 
-at::Tensor fused_lora_grad_x(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+at::Tensor fused_lora_grad_x(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&) {
   LORA_CHECK(false, "lora_ext: this build has no sm_90a kernels (fused_lora_grad_x_usable says so)");
   return at::Tensor();
 }

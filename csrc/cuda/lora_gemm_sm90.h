@@ -31,15 +31,19 @@ at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const 
 //   dx = dy·W + dxs·A      dy (tokens × out), W (out × in), dxs = keep_scale·dxa (tokens × r), A (r × in)
 //
 // as one GEMM whose K runs over out + r, in place of cuBLAS's dy·W followed by the expand kernel's read and write of
-// dx. Only without dropout: with it, the mask multiplies dxs·A element by element and the expand keeps that term.
+// dx. With dropout, keep[t, k] multiplies (dxs·A)[t, k]: the rank-r K blocks run first, the consumers zero the dropped
+// elements of that partial sum (the mask read as keep bytes drawn earlier in the backward), then the base product
+// adds on.
 // Usable under the same conditions as the forward's, for the GEMM of this shape (M = tokens, K = out, N = in), dy
 // and W in one 16-bit dtype; LORA_EXT_FUSED_GRAD_X=0 turns just this one off.
 bool fused_lora_grad_x_usable(const at::Tensor& grad_y, const at::Tensor& weight, int64_t rank);
 
-// dx (tokens × in, dy's dtype, new) = dy·W + dxs·A, float32 accumulation, one rounding. dxs and lora_A are in dy's
-// dtype with rows 16-byte aligned (lora_gemm_operand pads them).
+// dx (tokens × in, dy's dtype, new) = dy·W + keep ⊙ (dxs·A), float32 accumulation, one rounding; dxs carries the
+// dropout's keep scale. dxs and lora_A are in dy's dtype with rows 16-byte aligned (lora_gemm_operand pads them).
+// keep_bytes: undefined for no mask, else the mask of x as dropout_keep_bytes.cuh writes it (tokens × a pitch of
+// whole 32-byte runs, 16-byte aligned).
 at::Tensor fused_lora_grad_x(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& grad_s,
-                             const at::Tensor& lora_A);
+                             const at::Tensor& lora_A, const at::Tensor& keep_bytes);
 
 // A (rows × r) operand as the copy engine needs it: in `dtype`, unit column stride, the row pitch a multiple of
 // 8 elements (16 bytes), from a 16-byte-aligned address. Returns `t` itself when it already is; else a view of a

@@ -139,13 +139,15 @@ void into_float_contiguous(at::Tensor& out, Compute&& compute) {
 
 // out (C × r; float32, float16 or bfloat16; any strides) = alpha · Σ_t keep · matrix[t, :]ᵀ right[t, :], summed in
 // float32 and rounded once to out's type. The tensor-core path writes out directly (its partial sums are added by a
-// kernel that also casts and transposes), so the backward passes the adapters' gradients themselves.
+// kernel that also casts and transposes), so the backward passes the adapters' gradients themselves. With dropout and
+// keep_out set, returns whether the keep bytes of matrix's mask were written along the way (the tensor-core path
+// writes them; the others do not, and the caller draws them itself).
 template <typename TM, bool DROPOUT>
-void token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tensor& right, double alpha,
-                       const int64_t* dropout_seed = nullptr, uint32_t threshold = 0) {
+bool token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tensor& right, double alpha,
+                       const int64_t* dropout_seed = nullptr, uint32_t threshold = 0, KeepBytesOut keep_out = {}) {
   if (matrix.size(0) == 0) {
     out.zero_();
-    return;
+    return true;  // no rows: no bytes to write
   }
   if constexpr (!std::is_same_v<TM, float>) {
     const int64_t rank = right.size(1);
@@ -154,13 +156,13 @@ void token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tens
       into_float_contiguous(out, [&](at::Tensor& result) {
         mm_float_out(result, matrix.t(), right.to(matrix.scalar_type()), alpha);
       });
-      return;
+      return false;
     }
     // Any rank: r % 8 != 0 is read with zeros past r (lora_token_reduce_wmma.cuh), not copied padded.
     if (rank <= kWmmaMaxRank) {
       if (token_reduce_wmma_supported(matrix, right)) {
-        launch_token_reduce_wmma<TM, DROPOUT>(out, matrix, right, alpha, dropout_seed, threshold);
-        return;
+        launch_token_reduce_wmma<TM, DROPOUT>(out, matrix, right, alpha, dropout_seed, threshold, keep_out);
+        return true;
       }
     } else {
       // Ranks in chunks of at most 64 (one pass over M each), each a contiguous copy of R's columns.
@@ -174,15 +176,18 @@ void token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tens
         for (size_t i = 0; i < chunks.size(); ++i) {
           const int64_t j0 = static_cast<int64_t>(i) * kWmmaMaxRank;
           at::Tensor part = out.narrow(1, j0, chunks[i].size(1));  // launch_token_reduce_wmma writes into it
-          launch_token_reduce_wmma<TM, DROPOUT>(part, matrix, chunks[i], alpha, dropout_seed, threshold);
+          // Each chunk draws the same mask: the first writes its bytes.
+          launch_token_reduce_wmma<TM, DROPOUT>(part, matrix, chunks[i], alpha, dropout_seed, threshold,
+                                                i == 0 ? keep_out : KeepBytesOut{});
         }
-        return;
+        return true;
       }
     }
   }
   into_float_contiguous(out, [&](at::Tensor& result) {
     token_reduce<TM, DROPOUT>(result, matrix, right, alpha, dropout_seed, threshold);
   });
+  return false;
 }
 
 }  // namespace cuda

@@ -31,6 +31,9 @@ struct TokenReduceParams {
   bool pair_loads;  // unit column stride and even row stride/base: two columns in one load
   const int64_t* dropout_seed;
   uint32_t dropout_threshold;
+  // With dropout, where the tensor-core kernel also writes the keep bytes it draws (dropout_keep_bytes.cuh), or nullptr.
+  uint8_t* keep_bytes;
+  int64_t keep_pitch;
 };
 
 namespace token_reduce_detail {

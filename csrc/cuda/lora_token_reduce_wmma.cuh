@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <mma.h>
 
+#include "dropout_keep_bytes.cuh"
 #include "lora_token_reduce.cuh"
 #include "wmma_tiles.cuh"
 
@@ -85,7 +86,12 @@ __global__ void __launch_bounds__(128) lora_token_reduce_wmma_kernel(const Token
       const int v = threadIdx.x + 128 * i, r = v / (kCols / 8), c = (v % (kCols / 8)) * 8;
       uint4 bits = m_now[i];
       if constexpr (DROPOUT) {
-        if (t0 + r < t_end && c0 + c < p.columns) bits = apply_dropout8<T>(bits, seed, t0 + r, c0 + c, p.dropout_threshold);
+        if (t0 + r < t_end && c0 + c < p.columns) {
+          const unsigned keep = dropout_keep8(seed, t0 + r, (c0 + c) >> 3, p.dropout_threshold);
+          bits = apply_keep8<T>(bits, keep);
+          // One thread per row and 8 columns: each keep byte is written once.
+          if (p.keep_bytes != nullptr) p.keep_bytes[(t0 + r) * p.keep_pitch + ((c0 + c) >> 3)] = static_cast<uint8_t>(keep);
+        }
       }
       *reinterpret_cast<uint4*>(&matrix_tile[r][c]) = bits;
     }
@@ -179,9 +185,10 @@ inline bool token_reduce_wmma_supported(const at::Tensor& matrix, const at::Tens
 }
 
 // out (C × r: float32, float16 or bfloat16, any strides) = alpha · Σ_t keep · M[t, :]ᵀ R[t, :], rounded once.
+// With dropout, keep_out (if set) receives the mask's keep bytes as drawn (dropout_keep_bytes.cuh).
 template <typename T, bool DROPOUT>
 void launch_token_reduce_wmma(at::Tensor& out, const at::Tensor& matrix, const at::Tensor& right, double alpha,
-                              const int64_t* dropout_seed, uint32_t dropout_threshold) {
+                              const int64_t* dropout_seed, uint32_t dropout_threshold, KeepBytesOut keep_out = {}) {
   using namespace token_reduce_wmma_detail;
   const int64_t tokens = matrix.size(0), columns = matrix.size(1), rank = right.size(1);
   if (columns == 0 || rank == 0) return;  // nothing to write (and no empty grids)
@@ -212,6 +219,8 @@ void launch_token_reduce_wmma(at::Tensor& out, const at::Tensor& matrix, const a
   p.alpha = static_cast<float>(alpha);
   p.dropout_seed = dropout_seed;
   p.dropout_threshold = dropout_threshold;
+  p.keep_bytes = DROPOUT ? keep_out.bytes : nullptr;
+  p.keep_pitch = keep_out.pitch;
   const dim3 grid(static_cast<unsigned>(column_tiles), static_cast<unsigned>(splits));
   auto launch = [&](auto rpad_tag) {
     constexpr int RPAD = decltype(rpad_tag)::value;

@@ -96,11 +96,9 @@ __device__ __forceinline__ void load8_float(const T* src, float (&out)[8]) {
   }
 }
 
-// Zero the elements of an 8-vector (columns col … col+7 of `row`, col % 8 == 0) that dropout drops.
+// Zero the elements of an 8-vector whose keep bit (bit q: element q) is clear.
 template <typename T>
-__device__ __forceinline__ uint4 apply_dropout8(uint4 bits, uint64_t seed, int64_t row, int64_t col,
-                                                uint32_t threshold) {
-  const unsigned keep = dropout_keep8(seed, row, col >> 3, threshold);
+__device__ __forceinline__ uint4 apply_keep8(uint4 bits, unsigned keep) {
   Pack8<T> pack;
   pack.bits = bits;
 #pragma unroll
@@ -108,6 +106,13 @@ __device__ __forceinline__ uint4 apply_dropout8(uint4 bits, uint64_t seed, int64
     if (!((keep >> q) & 1u)) pack.v[q] = T(0.f);
   }
   return pack.bits;
+}
+
+// Zero the elements of an 8-vector (columns col … col+7 of `row`, col % 8 == 0) that dropout drops.
+template <typename T>
+__device__ __forceinline__ uint4 apply_dropout8(uint4 bits, uint64_t seed, int64_t row, int64_t col,
+                                                uint32_t threshold) {
+  return apply_keep8<T>(bits, dropout_keep8(seed, row, col >> 3, threshold));
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

@@ -1,7 +1,7 @@
 """The Hopper forward GEMM with the LoRA expand folded in (csrc/cuda/lora_gemm_sm90.cu): y = x·Wᵀ + b + (s·xa)·Bᵀ
 as one GEMM over in + r, and the backward's dx = dy·W + keep ⊙ (s·dy·B)·A/(1 − p) by the same kernel over out + r. It serves 16-bit x on compute capability 9.0 when the build carries sm_90a, on shapes where it
-pays (≥ 8192 tokens, out ≥ 2048 and in ≤ 4096, or ≤ 6144 for r > 16; LORA_EXT_FUSED_GEMM=force lifts that, as
-here; =0 turns it off). These shapes sit on its tile
+pays (forward: ≥ 4096 tokens, out ≥ 2048 and in ≤ 4096, or ≤ 6144 for r > 16; dx: ≥ 1024 tokens, in ≥ 2048, out ≤
+11008; LORA_EXT_FUSED_GEMM=force lifts that, as here; =0 turns it off). These shapes sit on its tile
 edges (tokens % 128, in % 64, out % 256, r across the 64-wide K blocks). Each is
 checked against the float64 reference twice: the general tolerance (test_ops' forward and backward checks) and a
 bound from its rounding, since the GEMM rounds y once: ‖y − ref‖/‖ref‖ ≤ 2u (u = 2⁻⁸ for bfloat16, 2⁻¹¹ for float16:
@@ -153,12 +153,15 @@ def test_fused_grad_x_dropout_when_the_reduction_cannot_draw_the_mask(monkeypatc
     "settings,tokens,in_features,out_features,dropout_p,fused",
     [({"LORA_EXT_FUSED_GEMM": "force"}, 2048, 256, 512, 0.0, True),
      ({}, 8192, 2048, 4096, 0.0, True),
-     ({}, 8192, 2048, 6144, 0.0, False),  # K = out past the r ≤ 16 cutoff
-     ({}, 4096, 2048, 4096, 0.0, False),  # too few tokens
+     ({}, 1024, 2048, 11008, 0.0, True),  # the smallest token count and the largest K it serves
+     ({}, 2048, 2048, 11264, 0.0, False),  # K = out past the measured 11008
+     ({}, 2048, 1024, 4096, 0.0, False),  # N = in under 2048
+     ({}, 512, 2048, 4096, 0.0, False),  # too few tokens
      ({"LORA_EXT_FUSED_GEMM": "force"}, 2048, 256, 512, 0.1, True),  # the mask applied inside the GEMM
      ({"LORA_EXT_FUSED_GEMM": "force", "LORA_EXT_FUSED_GRAD_X": "0"}, 2048, 256, 512, 0.0, False),
      ({"LORA_EXT_FUSED_GEMM": "0"}, 8192, 2048, 4096, 0.0, False)],
-    ids=["forced-small", "auto", "auto-out6144", "auto-few-tokens", "dropout", "grad-x-off", "off"],
+    ids=["forced-small", "auto", "auto-edge", "auto-out11264", "auto-in1024", "auto-few-tokens", "dropout", "grad-x-off",
+         "off"],
 )
 def test_which_path_serves_grad_x(monkeypatch, settings, tokens, in_features, out_features, dropout_p, fused):
     """dx comes from our GEMM (its W-along-K instantiation) and no cuBLAS GEMM where the fused path serves, and from
@@ -218,12 +221,12 @@ def test_fused_grad_x_in_a_cuda_graph(monkeypatch):
 @pytest.mark.parametrize(
     "setting,tokens,in_features,rank,fused",
     [("force", 2048, 256, 16, True), (None, 8192, 4096, 16, True), (None, 8192, 6144, 32, True),
-     (None, 8192, 6144, 16, False), (None, 4096, 256, 32, False), ("0", 8192, 256, 32, False)],
+     (None, 8192, 6144, 16, False), (None, 2048, 256, 32, False), ("0", 8192, 256, 32, False)],
     ids=["forced-small", "auto-in4096", "auto-in6144-r32", "auto-in6144-r16", "auto-few-tokens", "off"],
 )
 def test_which_path_serves(monkeypatch, setting, tokens, in_features, rank, fused):
     """On an H100/H200 with an sm_90a build, the profiler sees our GEMM and no cuBLAS GEMM where the fused path
-    serves (≥ 8192 tokens, out ≥ 2048 and in ≤ 4096, or ≤ 6144 for r > 16, or forced), and cuBLAS where it does
+    serves (≥ 4096 tokens, out ≥ 2048 and in ≤ 4096, or ≤ 6144 for r > 16, or forced), and cuBLAS where it does
     not."""
     if not fused_gemm_serves(torch.cuda.current_device()):
         pytest.skip("the fused GEMM needs compute capability 9.0 and an sm_90a build")

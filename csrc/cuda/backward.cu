@@ -4,7 +4,7 @@
 //
 //   dxa = s·dy·B;  dB = s·dyᵀ·xa;  dA = dxaᵀ·dropout(x);  dx = dy·W (cuBLAS) + keep·dxa·A/(1−p).
 // dxa and dB come from one pass over dy where lora_dy_pass.cuh serves (r ≤ 16), else from the shrink and the token
-// reduction, one pass each. From 8192 tokens on Hopper, dx is one GEMM of our own over out + r (dy·W + keep·dxa·A,
+// reduction, one pass each. From 1024 tokens on Hopper, dx is one GEMM of our own over out + r (dy·W + keep·dxa·A,
 // lora_gemm_sm90.h) instead of cuBLAS's dy·W and the expand's read and write of dx.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>

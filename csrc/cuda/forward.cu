@@ -3,7 +3,7 @@
 // the seed (dropout_mask.h), never stored.
 //
 //   y = x·Wᵀ + b (cuBLAS);  xa = dropout(x)·Aᵀ (float32, saved for backward);  y += s·xa·Bᵀ (in place).
-// Two shapes take kernels of our own for the base product as well: from 8192 tokens on Hopper the fused GEMM
+// Two shapes take kernels of our own for the base product as well: from 4096 tokens on Hopper the fused GEMM
 // (lora_gemm_sm90.h), and at 1–16 tokens one launch for the whole layer (lora_decode_gemv.cuh).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>

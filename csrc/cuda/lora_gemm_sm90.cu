@@ -58,14 +58,24 @@ constexpr int kSharedBytes =
     kStages * kStageBytes + 2 * kOutStagingBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
 static_assert(kSharedBytes <= 227 * 1024, "more shared memory than an H100 block may have");
 
-// Where the fused GEMM beats cuBLAS + the expand kernel (H100, bf16, docs/perf-notes.md v8). Our GEMM runs ~11%
-// slower than cuBLAS's, so it wins where the expand it saves (a read and a write of y, ∝ tokens·out) costs more
-// than that (∝ tokens·out·in): up to in ≈ 4800 at r ≤ 16 (8192 × 4096 × 4096: 3% less GPU time), further at larger
-// ranks, whose expand costs more (r = 64: forward 1.186× against 1.243×); out = 11008: 1.114× against 1.146×. With
-// fewer than 8192 tokens it lost 3–7% (2048 and 4096 tokens: too few waves of tiles to amortise its start).
-// Every measured shape had out ≥ 4096; narrow outputs would waste most of the 256-wide tiles.
-bool fused_gemm_pays(int64_t tokens, int64_t in_features, int64_t out_features, int64_t rank) {
-  return tokens >= 8192 && out_features >= 2048 && in_features <= (rank > 16 ? 6144 : 4096);
+// Where the forward's fused GEMM beats cuBLAS + the expand kernel (H100, bf16, docs/perf-notes.md v8, v11, v13). Our
+// GEMM runs ~8% slower than cuBLAS's, so it wins where the expand it saves (a read and a write of y, ∝ tokens·out)
+// costs more than that (∝ tokens·out·in): up to in ≈ 4800 at r ≤ 16, further at larger ranks, whose expand costs
+// more. Measured since the stmatrix epilogue (v11, v13): 8192 × 4096 × 4096 forward 1.149× against 1.218×; 4096
+// tokens 1.218× against 1.237× (GPU 208 against 216 µs), 4096 × 4096 × 11008 1.110× against 1.168×; 2048 tokens a tie
+// (112 against 113 µs), so it starts at 4096. Every measured shape had out ≥ 4096; narrow outputs would waste most of
+// the 256-wide tiles.
+bool forward_gemm_pays(int64_t tokens, int64_t in_features, int64_t out_features, int64_t rank) {
+  return tokens >= 4096 && out_features >= 2048 && in_features <= (rank > 16 ? 6144 : 4096);
+}
+
+// Where the backward's fused dx GEMM (K = out, N = in) beats cuBLAS's dy·W + the expand into dx (H100, bf16, v13).
+// Read along its rows, W makes our GEMM only ~4% slower than cuBLAS's (351 against 337 µs at 8192 × 4096 × 4096),
+// while the expand it saves costs 58 µs (77 at r = 64): GPU time per step −46 µs at 4096², −35 at K = 11008, −46 at
+// K = 2048, −20 at 4096 tokens, −8.5 at 2048; at 1024 tokens the step is host-bound and a launch fewer wins
+// (2.38× against 3.11×). Measured with N = in of 4096 and 11008; K up to 11008.
+bool grad_x_gemm_pays(int64_t tokens, int64_t k, int64_t n) {
+  return tokens >= 1024 && n >= 2048 && k <= 11008;
 }
 
 // How the GEMM's right operands lie in memory. The forward's W (out × in) and B (out × r) have N (= out) along their
@@ -461,7 +471,7 @@ int kernel_clusters() {
   return std::max(clusters, 0);
 }
 
-// LORA_EXT_FUSED_GEMM: unset or 1 = where it is faster (fused_gemm_pays), 0 = never (benchmarks/fused_gemm_ab.py
+// LORA_EXT_FUSED_GEMM: unset or 1 = where it is faster (forward_gemm_pays, grad_x_gemm_pays), 0 = never (benchmarks/fused_gemm_ab.py
 // compares both), force = on every shape it supports (tests/test_fused_gemm_cuda.py covers its edge cases on small
 // shapes).
 enum class FusedGemmSetting { kOff, kAuto, kForce };
@@ -488,7 +498,7 @@ bool fused_grad_x_enabled() {
 // The checks both GEMMs share: left (M × K) and weight in one 16-bit dtype with rows the copy engine can read, the
 // shape one where the GEMM pays (or forced), a Hopper GPU on which the kernel of this layout can run.
 template <RightOperand kRight>
-bool gemm_usable(const at::Tensor& left, const at::Tensor& weight, int64_t k, int64_t n, int64_t rank) {
+bool gemm_usable(const at::Tensor& left, const at::Tensor& weight, int64_t k, int64_t n, int64_t rank, bool pays) {
   const FusedGemmSetting setting = fused_gemm_setting();
   if (setting == FusedGemmSetting::kOff) return false;
   const auto dtype = left.scalar_type();
@@ -496,7 +506,7 @@ bool gemm_usable(const at::Tensor& left, const at::Tensor& weight, int64_t k, in
   if (weight.scalar_type() != dtype) return false;
   const int64_t tokens = left.size(0);
   if (rank < 1) return false;
-  if (setting == FusedGemmSetting::kAuto && !fused_gemm_pays(tokens, k, n, rank)) return false;
+  if (setting == FusedGemmSetting::kAuto && !pays) return false;
   if (k % 8 != 0 || n % 8 != 0) return false;
   // Tile origins and copy coordinates are 32-bit: the last row pair's origin (up to 2 tiles past the last row) and
   // the last column tile's second half must fit.
@@ -572,12 +582,15 @@ bool fused_lora_gemm_usable(const at::Tensor& x, const at::Tensor& weight, const
   if (bias.has_value() && bias->defined() && (bias->scalar_type() != x.scalar_type() || !bias->is_contiguous())) {
     return false;
   }
-  return gemm_usable<RightOperand::kKContiguous>(x, weight, x.size(1), weight.size(0), rank);
+  const int64_t in_features = x.size(1), out_features = weight.size(0);
+  return gemm_usable<RightOperand::kKContiguous>(x, weight, in_features, out_features, rank,
+                                                 forward_gemm_pays(x.size(0), in_features, out_features, rank));
 }
 
 bool fused_lora_grad_x_usable(const at::Tensor& grad_y, const at::Tensor& weight, int64_t rank) {
+  const int64_t k = weight.size(0), n = weight.size(1);
   return fused_grad_x_enabled() &&
-         gemm_usable<RightOperand::kNContiguous>(grad_y, weight, weight.size(0), weight.size(1), rank);
+         gemm_usable<RightOperand::kNContiguous>(grad_y, weight, k, n, rank, grad_x_gemm_pays(grad_y.size(0), k, n));
 }
 
 at::Tensor lora_gemm_operand(const at::Tensor& t, at::ScalarType dtype, double scale) {

@@ -16,7 +16,8 @@ namespace cuda {
 // True when this build carries the sm_90a kernel and it is the image that loads on x's GPU (compute capability 9.0;
 // checked once per device), the operands suit the copy
 // engine (16-bit x, W, xs and B of one dtype, rows 16-byte aligned, unit column stride) and the shape is one where
-// it beats cuBLAS plus the expand (≥ 8192 tokens, in ≤ 4096, or ≤ 6144 for r > 16; docs/perf-notes.md v8).
+// it beats cuBLAS plus the expand (≥ 4096 tokens, out ≥ 2048, in ≤ 4096, or ≤ 6144 for r > 16; docs/perf-notes.md
+// v8, v13).
 // LORA_EXT_FUSED_GEMM=0 turns it off, LORA_EXT_FUSED_GEMM=force on for every shape it supports (the tests' shapes).
 bool fused_lora_gemm_usable(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                             int64_t rank);
@@ -35,7 +36,8 @@ at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const 
 // elements of that partial sum (the mask read as keep bytes drawn earlier in the backward), then the base product
 // adds on.
 // Usable under the same conditions as the forward's, for the GEMM of this shape (M = tokens, K = out, N = in), dy
-// and W in one 16-bit dtype; LORA_EXT_FUSED_GRAD_X=0 turns just this one off.
+// and W in one 16-bit dtype, where it pays: ≥ 1024 tokens, in ≥ 2048, out ≤ 11008 (v13). LORA_EXT_FUSED_GRAD_X=0
+// turns just this one off.
 bool fused_lora_grad_x_usable(const at::Tensor& grad_y, const at::Tensor& weight, int64_t rank);
 
 // dx (tokens × in, dy's dtype, new) = dy·W + keep ⊙ (dxs·A), float32 accumulation, one rounding; dxs carries the

@@ -255,8 +255,7 @@ void launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::T
   p.dy_stride_t = grad_y.stride(0);
   p.b = b_rows.data_ptr();
   p.b_stride_c = b_rows.stride(0);
-  p.b_vector_rows = rank % 8 == 0 && b_rows.stride(1) == 1 && (columns <= 1 || b_rows.stride(0) % 8 == 0) &&
-                    aligned16(b_rows.data_ptr());
+  p.b_vector_rows = rank_rows_vectorizable(b_rows);
   p.xa = activation.data_ptr<float>();
   p.xa_vector_rows = rank % 8 == 0;
   p.partials_b = partials_b.data_ptr<float>();

@@ -150,11 +150,6 @@ __global__ void __launch_bounds__(128) lora_expand_wmma_kernel(const ExpandParam
   }
 }
 
-// Whether a rank-contiguous (rows × r) operand's rows can be read 8 ranks per 16-byte load.
-inline bool rank_rows_vectorizable(const at::Tensor& t) {
-  return t.size(1) % 8 == 0 && t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) % 8 == 0) && aligned16(t.data_ptr());
-}
-
 // Whether the expand can read a (rows × r) operand along its ranks: 16-byte loads at r % 8 == 0, element loads
 // with zeros past r otherwise (instead of a zero-padded copy, which cost two launches per operand).
 inline bool rank_rows_loadable(const at::Tensor& t) {

@@ -117,5 +117,10 @@ __device__ __forceinline__ uint4 apply_dropout8(uint4 bits, uint64_t seed, int64
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Whether a rank-contiguous (rows × r) operand's rows can be read 8 ranks per 16-byte load.
+inline bool rank_rows_vectorizable(const at::Tensor& t) {
+  return t.size(1) % 8 == 0 && t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) % 8 == 0) && aligned16(t.data_ptr());
+}
+
 }  // namespace cuda
 }  // namespace lora_ext

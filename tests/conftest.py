@@ -180,6 +180,20 @@ def seed_tensor(value, device):
     return torch.tensor([value], dtype=torch.int64, device=device)
 
 
+def capture_cuda_graph(call):
+    """call() warmed up twice on a side stream (as torch.cuda.graphs asks), then captured: (graph, call's outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = call()
+    return graph, outputs
+
+
 def _leaf64(t):
     if t is None:
         return None

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import lora_ext
-from conftest import lora_reference, make_params, make_x, relative_error, requires_cuda, seed_tensor
+from conftest import (capture_cuda_graph, lora_reference, make_params, make_x, relative_error, requires_cuda,
+                      seed_tensor)
 from test_ops import SCALING, _check_backward
 
 pytestmark = requires_cuda
@@ -198,15 +199,7 @@ def test_fused_grad_x_in_a_cuda_graph(monkeypatch):
     def call(dy):
         return torch.ops.lora_ext.lora_backward(dy, x, weight, lora_A, lora_B, xa, SCALING, 0.0, None, True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            call(static_dy)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_grads = call(static_dy)
+    graph, static_grads = capture_cuda_graph(lambda: call(static_dy))
     for _ in range(2):
         fresh = make_x(1031, 264, torch.bfloat16, "cuda")
         static_dy.copy_(fresh)
@@ -270,15 +263,7 @@ def test_fused_forward_in_a_cuda_graph_and_on_a_side_stream(monkeypatch):
     def call(x):
         return torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, 0.0, None)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # warm-up on the capture stream, as torch.cuda.graphs asks
-            call(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y, static_xa = call(static_x)
+    graph, (static_y, static_xa) = capture_cuda_graph(lambda: call(static_x))
     for _ in range(2):
         fresh = make_x(1031, 520, torch.bfloat16, "cuda")
         static_x.copy_(fresh)

@@ -9,8 +9,8 @@ kernel), PEFT's lora.Linear when importable, each as a ratio to the base; median
 warm-up, in interleaved rounds; random data. With --grad-x (implies --backward) the A/B is the backward's dx
 instead: both variants leave the forward to its default routing, "fused" computes dx with the GEMM (dy·W + dxa·A)
 and "unfused" with cuBLAS + the expand (LORA_EXT_FUSED_GRAD_X=0); --force lifts the size cutoffs of both GEMMs
-(LORA_EXT_FUSED_GEMM=force in both variants). --dropout sets the LoRA dropout of lora_ext's layer and PEFT's. Then torch.profiler's GPU time per kernel for both lora_ext paths
-(kernel_breakdown.profiled). A diagnostic for docs/perf-notes.md; bench_lora.py
+(LORA_EXT_FUSED_GEMM=force in both variants). --dropout sets the LoRA dropout of lora_ext's layer and PEFT's.
+Then torch.profiler's GPU time per kernel for both lora_ext paths (kernel_breakdown.profiled). A diagnostic for docs/perf-notes.md; bench_lora.py
 is the benchmark of record.
 """
 import argparse
@@ -113,10 +113,11 @@ def main():
             else:
                 with torch.no_grad():
                     outputs.append(layer(x))
-        y_fused, y_unfused = outputs
-        diff = ((y_fused.float() - y_unfused.float()).norm() / y_unfused.float().norm()).item()
+        fused_out, unfused_out = outputs  # y, or dx with --backward
+        diff = ((fused_out.float() - unfused_out.float()).norm() / unfused_out.float().norm()).item()
         ratios = "  ".join(f"{k} {v / rows['base']:.3f}x" for k, v in rows.items() if k != "base")
-        print(f"{spec}: base {rows['base'] * 1e3:.1f} us  {ratios}  (fused vs unfused {'dx' if args.backward else 'y'} rel diff {diff:.1e})")
+        compared = "dx" if args.backward else "y"
+        print(f"{spec}: base {rows['base'] * 1e3:.1f} us  {ratios}  (fused vs unfused {compared} rel diff {diff:.1e})")
         for label in ("fused", "unfused"):
             with torch.set_grad_enabled(args.backward):
                 _, kernels = profiled(calls[label], iters=20, warmup=3)

@@ -1,12 +1,13 @@
 """The Hopper forward GEMM with the LoRA expand folded in (csrc/cuda/lora_gemm_sm90.cu): y = x·Wᵀ + b + (s·xa)·Bᵀ
-as one GEMM over in + r, and the backward's dx = dy·W + keep ⊙ (s·dy·B)·A/(1 − p) by the same kernel over out + r. It serves 16-bit x on compute capability 9.0 when the build carries sm_90a, on shapes where it
-pays (forward: ≥ 4096 tokens, out ≥ 2048 and in ≤ 4096, or ≤ 6144 for r > 16; dx: ≥ 1024 tokens, in ≥ 2048, out ≤
-11008; LORA_EXT_FUSED_GEMM=force lifts that, as here; =0 turns it off). These shapes sit on its tile
-edges (tokens % 128, in % 64, out % 256, r across the 64-wide K blocks). Each is
-checked against the float64 reference twice: the general tolerance (test_ops' forward and backward checks) and a
-bound from its rounding, since the GEMM rounds y once: ‖y − ref‖/‖ref‖ ≤ 2u (u = 2⁻⁸ for bfloat16, 2⁻¹¹ for float16:
-one rounding of y, and at most one of the rank-r term through s·xa in x's dtype). Then against the cuBLAS + expand
-path (LORA_EXT_FUSED_GEMM=0), which must agree within the same bound."""
+as one GEMM over in + r, and the backward's dx = dy·W + keep ⊙ (s·dy·B)·A/(1 − p) by the same kernel over out + r.
+It serves 16-bit x on compute capability 9.0 when the build carries sm_90a, on shapes where it pays (forward:
+≥ 4096 tokens, out ≥ 2048 and in ≤ 4096, or ≤ 6144 for r > 16; dx: ≥ 1024 tokens, in ≥ 2048, out ≤ 11008;
+LORA_EXT_FUSED_GEMM=force lifts that, as here; =0 turns it off). These shapes sit on its tile edges (tokens % 128,
+in % 64, out % 256, r across the 64-wide K blocks). Each is checked against the float64 reference twice: the
+general tolerance (test_ops' forward and backward checks) and a bound from its rounding, since the GEMM rounds y once:
+‖y − ref‖/‖ref‖ ≤ 2u (u = 2⁻⁸ for bfloat16, 2⁻¹¹ for float16: one rounding of y, and at most one of the rank-r term
+through s·xa in x's dtype). Then against the cuBLAS + expand path (LORA_EXT_FUSED_GEMM=0), which must agree within
+the same bound."""
 
 import pytest
 import torch

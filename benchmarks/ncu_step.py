@@ -11,7 +11,8 @@
 
 (-k regex:lora_dy_pass for the backward's one-pass dy kernel, and so on.)
 
-The profiled program runs a warm training step of LoRALinear (8192 tokens, 4096², r = 16, bf16) and then the frozen
+The profiled program runs a warm training step of LoRALinear (8192 tokens, 4096², r = 16, bf16; --tokens, --features,
+--rank and --dropout change it) and then the frozen
 base layer's forward GEMM (cuBLAS), between cudaProfilerStart and Stop, so only those kernels are profiled.
 --summarise prints, per kernel: time, SM clock, DRAM and tensor-pipe use, and the stall reasons that cost most cycles
 per issued instruction; --hot-lines the SASS lines with the most warp-stall samples. Run it from outside the
@@ -35,13 +36,14 @@ NCU_METRICS = ",".join(
     + [f"smsp__average_warps_issue_stalled_{reason}_per_issue_active.ratio" for reason in STALL_REASONS])
 
 
-def run_step(tokens, features, rank):
+def run_step(tokens, features, rank, dropout=0.0):
     import torch
 
     import lora_ext
 
     torch.manual_seed(0)
-    layer = lora_ext.LoRALinear(features, features, r=rank, alpha=2 * rank, device="cuda", dtype=torch.bfloat16)
+    layer = lora_ext.LoRALinear(features, features, r=rank, alpha=2 * rank, dropout=dropout, device="cuda",
+                                dtype=torch.bfloat16)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.01)
     x = torch.randn(tokens, features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -127,6 +129,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--features", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.0)
     args = parser.parse_args()
     if args.print_metrics:
         print(NCU_METRICS)
@@ -135,7 +138,7 @@ def main():
     elif args.summarise:
         summarise(args.summarise)
     else:
-        run_step(args.tokens, args.features, args.rank)
+        run_step(args.tokens, args.features, args.rank, args.dropout)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ PATH_SHAPES = [
     pytest.param((520, 256, 128, 200), id="fma-expand-r200"),
     pytest.param((520, 256, 67, 16), id="fma-expand-out67"),
     pytest.param((520, 100, 128, 16), id="fma-in100"),
-    # the one-pass dxa/dB kernel (lora_dy_pass.cuh, 1024–4096 columns): three column groups, the last a partial tile;
-    # 33 token splits, the last of 6 tokens; an odd rank with a last tile of 8 columns
+    # the one-pass dxa/dB kernel (lora_dy_pass.cuh, ≥ 1024 columns): three column groups, the last of 136 columns;
+    # a last 128-token step of 6 tokens; an odd rank with a last tile of 8 columns (test_dy_pass_cuda.py: its edges)
     pytest.param((1030, 128, 1160, 16), id="dy-pass-3-groups-tail6"),
     pytest.param((700, 64, 1032, 5), id="dy-pass-r5-3-groups-8-columns"),
 ]

@@ -3,9 +3,9 @@
 // the same seed (dropout_mask.h).
 //
 //   dxa = s·dy·B;  dB = s·dyᵀ·xa;  dA = dxaᵀ·dropout(x);  dx = dy·W (cuBLAS) + keep·dxa·A/(1−p).
-// dxa and dB come from one pass over dy where lora_dy_pass.cuh serves (r ≤ 16), else from the shrink and the token
-// reduction, one pass each. From 1024 tokens on Hopper, dx is one GEMM of our own over out + r (dy·W + keep·dxa·A,
-// lora_gemm_sm90.h) instead of cuBLAS's dy·W and the expand's read and write of dx.
+// dxa and dB come from one pass over dy where lora_dy_pass.cuh serves (r ≤ 16, ≥ 1024 columns), else from the
+// shrink and the token reduction, one pass each. From 1024 tokens on Hopper, dx is one GEMM of our own over out + r
+// (dy·W + keep·dxa·A, lora_gemm_sm90.h) instead of cuBLAS's dy·W and the expand's read and write of dx.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -24,10 +24,15 @@ namespace lora_ext {
 namespace cuda {
 namespace {
 
-// LORA_EXT_DY_PASS=0 turns the one-pass dxa/dB kernel off (benchmarks compare both in one process).
-bool dy_pass_enabled() {
+// LORA_EXT_DY_PASS=0 turns the one-pass dxa/dB kernel off (benchmarks compare both in one process); force takes it at
+// every width it can run (the tests of its edges).
+enum class DyPassSetting { kOff, kAuto, kForce };
+DyPassSetting dy_pass_setting() {
   const char* setting = std::getenv("LORA_EXT_DY_PASS");
-  return setting == nullptr || std::strcmp(setting, "0") != 0;
+  if (setting == nullptr) return DyPassSetting::kAuto;
+  if (std::strcmp(setting, "0") == 0) return DyPassSetting::kOff;
+  if (std::strcmp(setting, "force") == 0) return DyPassSetting::kForce;
+  return DyPassSetting::kAuto;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
@@ -68,11 +73,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   // them 16 bytes at a time along K and along the rank, where the strided views cost them 1.3–2.5× (r = 64).
   // Below kShrinkWmmaMinTokens the general kernels run and the two copies would only add launches. At r % 8 != 0
   // the expand reads A's ranks one by one anyway, so it takes Aᵀ as a view (its column loader) and skips the copy.
-  const bool one_pass_over_dy = dims.tokens >= kShrinkWmmaMinTokens && x.scalar_type() != at::kFloat &&
-                                dy_pass_enabled() && dy_pass_supported(grad_y, lora_B, activation);
+  const DyPassSetting dy_pass = dy_pass_setting();
+  const bool one_pass_over_dy =
+      dims.tokens >= kShrinkWmmaMinTokens && x.scalar_type() != at::kFloat && dy_pass != DyPassSetting::kOff &&
+      dy_pass_supported(grad_y, lora_B, activation, dy_pass == DyPassSetting::kForce);
   const bool copy_transposes = dims.tokens >= kShrinkWmmaMinTokens;
   const bool copy_A_t = copy_transposes && compute_grad_x && !fused_grad_x && dims.rank % 8 == 0;
-  const at::Tensor lora_B_t = copy_transposes && !one_pass_over_dy ? lora_B.t().contiguous() : lora_B.t();
+  // dxa's shrink reads Bᵀ; where it goes to cuBLAS (shrink_on_cublas), cuBLAS takes the view as it is.
+  const bool copy_B_t = copy_transposes && !one_pass_over_dy &&
+                        !shrink_on_cublas(grad_y.scalar_type(), dims.rank, dims.tokens, /*dropout=*/false);
+  const at::Tensor lora_B_t = copy_B_t ? lora_B.t().contiguous() : lora_B.t();
   const at::Tensor lora_A_t = copy_A_t ? lora_A.t().contiguous() : lora_A.t();
 
   dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {

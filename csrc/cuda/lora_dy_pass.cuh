@@ -1,18 +1,21 @@
-// The backward's two products of dy in one pass over dy, on tensor cores (16-bit dy, r ≤ 16):
+// The backward's two products of dy in one pass over dy, on tensor cores (16-bit dy, r ≤ 16, sm_80+):
 //   dxa = s · dy·B      (tokens × r, float32)
 //   dB  = s · dyᵀ·xa    (out × r, the adapter's dtype)
-// Separately (the shrink, then the token reduction) they read dy twice: 64 MB each at 8192 × 4096 bf16.
 //
-// Grid: x over groups of kGroupTiles 256-column tiles of dy, y over token splits. Block: 8 warps. For each column
-// tile of its group the block stages B's 256 rows, then walks its tokens 32 at a time, staging dy (32 × 256, 16-byte
-// loads, the next step's issued before this step's MMAs) and xa (32 × r, rounded to dy's type as the token reduction
-// does). Each warp owns 32 columns: it accumulates dB for them over the split's tokens (as the token reduction) and
-// multiplies its dy slice by B's rows for them into 32 tokens × r, which the block adds over its warps in order into
-// a float32 dxa sum for its split's tokens in shared memory. Each block then writes float32 partials: dB per split
-// (splits × C_pad × 16) and dxa per column group (groups × T_pad × 16). finalize_token_reduce_kernel adds each
-// over splits / groups in a fixed order and writes dB and dxa, so results repeat bit for bit.
-// Bytes: dy once; xa and B from L2 (once per column tile / per split); partials 64·(splits·C + groups·T) bytes,
-// written once and read once (≈ 12 MB at 8192 × 4096, against the 64 MB read of dy it saves).
+// Each element of dy feeds both products, summed along different axes (dxa over columns, dB over tokens), so any
+// tiling leaves one of them as partial sums. Here a block owns a group of kGroupTiles 128-column tiles and a split
+// of the tokens, and walks them as (128-token step, column tile) pairs, copying each 128 × 128 tile of dy into shared
+// memory with cp.async one pair ahead. Warp w owns tokens 16w … 16w+15 of every step for dxa and columns 16w … 16w+15
+// of every tile for dB, so neither sum is shared between warps inside the block: dxa accumulates in registers over
+// the group's tiles and is written once per step as the group's partial; dB accumulates in registers over the
+// split's tokens and is written once per block as the split's partial. Both read the same staged tile through
+// ldmatrix (plain for dxa's A operand, transposed for dB's B operand), with m16n8k16 MMAs.
+// finalize_token_reduce_kernel adds the partials in a fixed order (results repeat bit for bit).
+// Bytes: dy once; B once per block and xa once per column group, from L2; partials 64·(splits·C + groups·T) bytes
+// (12.6 MB at 8192 × 4096; 19 MB at 8192 × 11008, against the 180 MB read of dy the second pass would cost).
+// H100, 8192 tokens: 31 µs at 4096 columns (+ 12 µs of finalize), where session 9's WMMA kernel (warps owning
+// columns, dxa summed across them through shared memory every 32 tokens) took 43; 74 µs at 11008 columns, where the
+// shrink and the token reduction took 139 (docs/perf-notes.md v14).
 #pragma once
 
 #include "../error_message.h"
@@ -20,10 +23,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <mma.h>
 
 #include <mutex>
 
+#include "async_copy.cuh"
 #include "lora_token_reduce_wmma.cuh"
 #include "wmma_tiles.cuh"
 
@@ -45,160 +48,204 @@ struct DyPassParams {
 };
 
 namespace dy_pass_detail {
-constexpr int kRankPad = 16;  // r ≤ 16
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kCols = 32 * kWarps;  // columns per tile: 32 per warp
-constexpr int kGroupTiles = 2;
-constexpr int kTokens = 32;   // tokens per step
-constexpr int kMaxSplitTokens = 256;
-constexpr int kPitch = kCols + 8;
-constexpr int kRankPitch = kRankPad + 8;
-// Shared memory (dynamic: more than the 48 KB a static allocation may take), in this order.
-constexpr size_t kDyBytes = sizeof(uint16_t) * kTokens * kPitch;
-constexpr size_t kXaBytes = sizeof(uint16_t) * kTokens * kRankPitch;
-constexpr size_t kBBytes = sizeof(uint16_t) * kCols * kRankPitch;
-constexpr size_t kScratchBytes = sizeof(float) * kWarps * kTokens * kRankPad;
-constexpr size_t kSumBytes = sizeof(float) * kMaxSplitTokens * kRankPad;
-constexpr size_t kSharedBytes = kDyBytes + kXaBytes + kBBytes + kScratchBytes + kSumBytes;
-static_assert((kTokens * kRankPad) % kThreads == 0 && (kMaxSplitTokens * kRankPad) % kThreads == 0,
-              "each dxa_sum element is read and written by one thread only");
-static_assert(kDyBytes % 32 == 0 && kXaBytes % 32 == 0 && kBBytes % 32 == 0 && kScratchBytes % 32 == 0,
-              "every buffer starts 32-byte aligned (wmma)");
+constexpr int kStepTokens = 16 * kWarps;  // one 16-token slab per warp (dxa)
+constexpr int kTileCols = 16 * kWarps;    // one 16-column slab per warp (dB)
+constexpr int kGroupTiles = 4;            // dB accumulators: 8 registers per tile
+constexpr int kRankPad = 16;
+constexpr int kRankPitch = kRankPad + 8;  // 48-byte rows: the eight rows an ldmatrix reads fall in distinct banks
+constexpr int kChunks = kTileCols / 8;    // 16-byte chunks per staged row of dy
+constexpr int kStages = 2;
+constexpr size_t kDyStageBytes = sizeof(uint16_t) * kStepTokens * kTileCols;                  // 32 KB
+constexpr size_t kBBytes = sizeof(uint16_t) * kGroupTiles * kTileCols * kRankPitch;           // 24 KB
+constexpr size_t kXaBytes = sizeof(uint16_t) * 2 * kStepTokens * kRankPitch;                  // 12 KB, per step parity
+constexpr size_t kSharedBytes = kStages * kDyStageBytes + kBBytes + kXaBytes;                 // 100 KB: 2 blocks per SM
+static_assert(kStepTokens * kChunks % kThreads == 0, "each thread copies whole chunks");
+static_assert(kStepTokens * (kRankPad / 8) == kThreads, "one 8-rank vector of xa per thread and step");
+
+// The staged dy tile's rows are 256 bytes; chunk c of row r is stored at chunk c ^ (r % 8), so that the eight rows
+// one ldmatrix matrix reads (same chunk, consecutive rows) land in eight different bank groups.
+__device__ __forceinline__ int swizzled(int row, int chunk) { return row * kTileCols + ((chunk ^ (row & 7)) * 8); }
+
+__device__ __forceinline__ void load_matrices_x4(uint32_t (&r)[4], const void* row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<unsigned>(__cvta_generic_to_shared(row_address))));
+}
+__device__ __forceinline__ void load_matrices_x4_transposed(uint32_t (&r)[4], const void* row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<unsigned>(__cvta_generic_to_shared(row_address))));
+}
+
+// acc (16 × 8, float32) += a (16 × 16) · b (16 × 8), 16-bit operands in mma.sync's fragment layouts.
+template <typename T>
+__device__ __forceinline__ void mma_16x8x16(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
 }  // namespace dy_pass_detail
 
 template <typename T, typename TB>
-__global__ void __launch_bounds__(dy_pass_detail::kThreads) lora_dy_pass_kernel(const DyPassParams p) {
+__global__ void __launch_bounds__(dy_pass_detail::kThreads, 2) lora_dy_pass_kernel(const DyPassParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace dy_pass_detail;
-  using namespace nvcuda;
-  using MmaT = typename WmmaType<T>::type;
-  constexpr int RPAD = kRankPad;
   static_assert(sizeof(T) == sizeof(uint16_t), "16-bit dy");
   extern __shared__ __align__(128) unsigned char shared_raw[];
-  auto dy_tile = reinterpret_cast<T(*)[kPitch]>(shared_raw);
-  auto xa_tile = reinterpret_cast<T(*)[kRankPitch]>(shared_raw + kDyBytes);
-  auto b_tile = reinterpret_cast<T(*)[kRankPitch]>(shared_raw + kDyBytes + kXaBytes);  // B's rows: (columns × ranks)
-  // each warp's share of dxa for the step
-  auto scratch = reinterpret_cast<float(*)[kTokens][RPAD]>(shared_raw + kDyBytes + kXaBytes + kBBytes);
-  auto dxa_sum = reinterpret_cast<float(*)[RPAD]>(shared_raw + kDyBytes + kXaBytes + kBBytes + kScratchBytes);
+  T* dy_stages = reinterpret_cast<T*>(shared_raw);                                   // [kStages][128][128], swizzled
+  T* b_tile = reinterpret_cast<T*>(shared_raw + kStages * kDyStageBytes);            // [group columns][kRankPitch]
+  T* xa_tiles = reinterpret_cast<T*>(shared_raw + kStages * kDyStageBytes + kBBytes);  // [2][128][kRankPitch]
 
-  const int warp = threadIdx.x / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t group_c0 = static_cast<int64_t>(blockIdx.x) * kGroupTiles * kTileCols;
+  const int64_t group_tiles = (p.columns - group_c0 + kTileCols - 1) / kTileCols;
+  const int tiles = group_tiles < kGroupTiles ? static_cast<int>(group_tiles) : kGroupTiles;
   const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * p.tokens_per_split;
   const int64_t t_end = min(p.tokens, t_begin + p.tokens_per_split);
+  const int steps = static_cast<int>((t_end - t_begin + kStepTokens - 1) / kStepTokens);
+  const int iterations = steps * tiles;  // the same for the whole block
   const T* dy = static_cast<const T*>(p.dy);
   const TB* b = static_cast<const TB*>(p.b);
 
-  for (int i = threadIdx.x; i < kMaxSplitTokens * RPAD; i += kThreads) (&dxa_sum[0][0])[i] = 0.f;
-
-  constexpr int kLoads = kTokens * kCols / 8 / kThreads;
-  uint4 dy_next[kLoads];
-  for (int tile = 0; tile < kGroupTiles; ++tile) {
-    const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * kGroupTiles + tile) * kCols;
-    if (c0 >= p.columns) break;  // the same for the whole block
-    auto load_dy = [&](int64_t t0) {
+  // dy tile of iteration i (step i / tiles, column tile i % tiles) into stage i % kStages; rows past the split's
+  // tokens and columns past C read as zeros.
+  auto copy_dy = [&](int i) {
+    const int64_t t0 = t_begin + static_cast<int64_t>(i / tiles) * kStepTokens;
+    const int64_t c0 = group_c0 + static_cast<int64_t>(i % tiles) * kTileCols;
+    T* stage = dy_stages + (i % kStages) * kStepTokens * kTileCols;
 #pragma unroll
-      for (int i = 0; i < kLoads; ++i) {
-        const int v = threadIdx.x + kThreads * i, r = v / (kCols / 8), c = (v % (kCols / 8)) * 8;
-        const int64_t t = t0 + r, col = c0 + c;
-        dy_next[i] = (t < t_end && col < p.columns) ? *reinterpret_cast<const uint4*>(dy + t * p.dy_stride_t + col)
-                                                    : make_uint4(0, 0, 0, 0);
-      }
-    };
-    if (t_begin < t_end) load_dy(t_begin);
-    // B's rows c0 … c0+255, ranks past r (and rows past C) zero. The previous tile's last MMAs read b_tile before
-    // the barrier that ended its last step.
-    for (int v = threadIdx.x; v < kCols * (RPAD / 8); v += kThreads) {
-      const int n = v / (RPAD / 8), j = (v % (RPAD / 8)) * 8;
-      uint4 bits = make_uint4(0, 0, 0, 0);
-      if (c0 + n < p.columns && j < p.rank) {
-        bits = load8_ranks_as<T>(b + (c0 + n) * p.b_stride_c, j, p.rank, p.b_vector_rows);
-      }
-      *reinterpret_cast<uint4*>(&b_tile[n][j]) = bits;
+    for (int q = 0; q < kStepTokens * kChunks / kThreads; ++q) {
+      const int v = threadIdx.x + kThreads * q, row = v / kChunks, chunk = v % kChunks;
+      const int64_t t = t0 + row, col = c0 + chunk * 8;
+      const bool inside = t < t_end && col < p.columns;
+      copy_16_bytes_async(stage + swizzled(row, chunk), inside ? dy + t * p.dy_stride_t + col : dy, inside ? 16 : 0);
     }
+    copy_async_commit();
+  };
+  // xa's 128 × 16 block of a step, rounded to dy's type (as the token reduction rounds it); ranks past r zero.
+  const int xa_row = threadIdx.x / (kRankPad / 8), xa_rank = (threadIdx.x % (kRankPad / 8)) * 8;
+  auto load_xa = [&](int step) {
+    const int64_t t = t_begin + static_cast<int64_t>(step) * kStepTokens + xa_row;
+    if (t < t_end && xa_rank < p.rank) return load8_ranks_as<T>(p.xa + t * p.rank, xa_rank, p.rank, p.xa_vector_rows);
+    return make_uint4(0, 0, 0, 0);
+  };
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> grad_b[2];
-    wmma::fill_fragment(grad_b[0], 0.f);
-    wmma::fill_fragment(grad_b[1], 0.f);
-    for (int64_t t0 = t_begin; t0 < t_end; t0 += kTokens) {
-#pragma unroll
-      for (int i = 0; i < kLoads; ++i) {
-        const int v = threadIdx.x + kThreads * i, r = v / (kCols / 8), c = (v % (kCols / 8)) * 8;
-        *reinterpret_cast<uint4*>(&dy_tile[r][c]) = dy_next[i];
-      }
-      if (t0 + kTokens < t_end) load_dy(t0 + kTokens);
-      for (int v = threadIdx.x; v < kTokens * (RPAD / 8); v += kThreads) {
-        const int r = v / (RPAD / 8), j = (v % (RPAD / 8)) * 8;
-        const int64_t t = t0 + r;
-        uint4 bits = make_uint4(0, 0, 0, 0);
-        if (t < t_end && j < p.rank) bits = load8_ranks_as<T>(p.xa + t * p.rank, j, p.rank, p.xa_vector_rows);
-        *reinterpret_cast<uint4*>(&xa_tile[r][j]) = bits;
-      }
-      __syncthreads();  // dy, xa and B staged; the previous step's dxa sums are done with `scratch`
+  if (iterations > 0) copy_dy(0);
+  // B's rows for the group's columns (columns past C zero), once.
+  for (int v = threadIdx.x; v < tiles * kTileCols * (kRankPad / 8); v += kThreads) {
+    const int n = v / (kRankPad / 8), j = (v % (kRankPad / 8)) * 8;
+    const int64_t col = group_c0 + n;
+    uint4 bits = make_uint4(0, 0, 0, 0);
+    if (col < p.columns && j < p.rank) bits = load8_ranks_as<T>(b + col * p.b_stride_c, j, p.rank, p.b_vector_rows);
+    *reinterpret_cast<uint4*>(b_tile + n * kRankPitch + j) = bits;
+  }
+  uint4 xa_next = steps > 0 ? load_xa(0) : make_uint4(0, 0, 0, 0);
 
-      // dB for this warp's 32 columns: dyᵀ (columns × tokens, dy's tile read column-major) · xa.
+  float dxa[2][4] = {};                // tokens 16w … (rows) × ranks 0–7 / 8–15
+  float grad_b[kGroupTiles][2][4] = {};  // ranks (rows) × columns 16w … of each tile, 0–7 / 8–15
+  // ldmatrix row addresses: lanes 0–7, 8–15, 16–23, 24–31 give the rows of the four 8 × 8 matrices.
+  const int quad_row = (lane % 8) + 8 * ((lane / 8) % 2), quad_chunk = lane / 16;  // rows 0–15 × chunk 0 / 1
+  const int xa_quad_row = (lane % 8) + 8 * (lane / 16), xa_quad_chunk = (lane / 8) % 2;
+
+  for (int i = 0; i < iterations; ++i) {
+    const int step = i / tiles, tile = i % tiles;
+    if (tile == 0) {
+      // This step's xa (read by every tile of the step); its buffer was last read two steps ago.
+      *reinterpret_cast<uint4*>(xa_tiles + (step % 2) * kStepTokens * kRankPitch + xa_row * kRankPitch + xa_rank) =
+          xa_next;
+      if (step + 1 < steps) xa_next = load_xa(step + 1);
+    }
+    copy_async_wait_all();
+    __syncthreads();  // this iteration's dy and xa are staged; every warp is done with the previous stage
+    if (i + 1 < iterations) copy_dy(i + 1);
+
+    const T* stage = dy_stages + (i % kStages) * kStepTokens * kTileCols;
+    const T* xa_tile = xa_tiles + (step % 2) * kStepTokens * kRankPitch;
+    const T* b_rows = b_tile + tile * kTileCols * kRankPitch;
+    // dxa for this warp's 16 tokens: dy (16 × 128 columns) · B's rows for the tile's columns.
 #pragma unroll
-      for (int kt = 0; kt < kTokens; kt += 16) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, MmaT, wmma::row_major> xa_fragment;
-        wmma::load_matrix_sync(xa_fragment, reinterpret_cast<const MmaT*>(&xa_tile[kt][0]), kRankPitch);
+    for (int kc = 0; kc < kTileCols / 16; ++kc) {
+      uint32_t a[4], bf[4];
+      load_matrices_x4(a, stage + swizzled(16 * warp + quad_row, 2 * kc + quad_chunk));
+      load_matrices_x4_transposed(bf, b_rows + (16 * kc + quad_row) * kRankPitch + 8 * quad_chunk);
+      mma_16x8x16<T>(dxa[0], a, bf[0], bf[1]);
+      mma_16x8x16<T>(dxa[1], a, bf[2], bf[3]);
+    }
+    // dB for this warp's 16 columns: xaᵀ (16 ranks × 128 tokens) · dy (128 tokens × 16 columns).
 #pragma unroll
-        for (int cf = 0; cf < 2; ++cf) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, MmaT, wmma::col_major> dy_t;
-          wmma::load_matrix_sync(dy_t, reinterpret_cast<const MmaT*>(&dy_tile[kt][warp * 32 + cf * 16]), kPitch);
-          wmma::mma_sync(grad_b[cf], dy_t, xa_fragment, grad_b[cf]);
+    for (int kt = 0; kt < kStepTokens / 16; ++kt) {
+      uint32_t xa_t[4], dyf[4];
+      load_matrices_x4_transposed(xa_t, xa_tile + (16 * kt + xa_quad_row) * kRankPitch + 8 * xa_quad_chunk);
+      load_matrices_x4_transposed(dyf, stage + swizzled(16 * kt + quad_row, 2 * warp + quad_chunk));
+#pragma unroll
+      for (int g = 0; g < kGroupTiles; ++g) {  // registers stay indexed by constants
+        if (g == tile) {
+          mma_16x8x16<T>(grad_b[g][0], xa_t, dyf[0], dyf[1]);
+          mma_16x8x16<T>(grad_b[g][1], xa_t, dyf[2], dyf[3]);
         }
-      }
-      // dxa over this warp's 32 columns: dy (tokens × columns) · B's rows (columns × ranks).
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> part[2];
-      wmma::fill_fragment(part[0], 0.f);
-      wmma::fill_fragment(part[1], 0.f);
-#pragma unroll
-      for (int kc = 0; kc < 32; kc += 16) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, MmaT, wmma::row_major> b_fragment;
-        wmma::load_matrix_sync(b_fragment, reinterpret_cast<const MmaT*>(&b_tile[warp * 32 + kc][0]), kRankPitch);
-#pragma unroll
-        for (int tf = 0; tf < 2; ++tf) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, MmaT, wmma::row_major> dy_rows;
-          wmma::load_matrix_sync(dy_rows, reinterpret_cast<const MmaT*>(&dy_tile[tf * 16][warp * 32 + kc]), kPitch);
-          wmma::mma_sync(part[tf], dy_rows, b_fragment, part[tf]);
-        }
-      }
-#pragma unroll
-      for (int tf = 0; tf < 2; ++tf) {
-        wmma::store_matrix_sync(&scratch[warp][tf * 16][0], part[tf], RPAD, wmma::mem_row_major);
-      }
-      __syncthreads();  // every warp's share is in `scratch`; dy and xa may be restaged
-      for (int i = threadIdx.x; i < kTokens * RPAD; i += kThreads) {
-        const int r = i / RPAD, j = i % RPAD;
-        if (t0 + r >= t_end) continue;
-        float step = scratch[0][r][j];
-#pragma unroll
-        for (int w = 1; w < kWarps; ++w) step += scratch[w][r][j];  // in warp order
-        // The thread handling flat index f = (token − t_begin)·16 + j is f % kThreads in every loop over dxa_sum
-        // (kTokens·16 is a multiple of kThreads): it alone reads and writes that element, so no barrier is needed.
-        dxa_sum[t0 - t_begin + r][j] += step;
       }
     }
 
-    // This split's dB partial for the tile's columns (all 16 rank columns; finalize reads the first r).
-    float* out = p.partials_b + static_cast<int64_t>(blockIdx.y) * p.columns_padded * RPAD;
+    if (tile == tiles - 1) {
+      // The step's dxa over the group's columns: this group's partial for the warp's 16 tokens.
+      float* out = p.partials_dxa + static_cast<int64_t>(blockIdx.x) * p.tokens_padded * kRankPad;
+      const int64_t t = t_begin + static_cast<int64_t>(step) * kStepTokens + 16 * warp + lane / 4;
 #pragma unroll
-    for (int cf = 0; cf < 2; ++cf) {
-#pragma unroll
-      for (int e = 0; e < grad_b[cf].num_elements; ++e) grad_b[cf].x[e] *= p.alpha;
-      wmma::store_matrix_sync(out + (c0 + warp * 32 + cf * 16) * RPAD, grad_b[cf], RPAD, wmma::mem_row_major);
+      for (int nb = 0; nb < 2; ++nb) {
+        const int j = 8 * nb + 2 * (lane % 4);
+        if (t < t_end) {
+          *reinterpret_cast<float2*>(out + t * kRankPad + j) = make_float2(p.alpha * dxa[nb][0], p.alpha * dxa[nb][1]);
+        }
+        if (t + 8 < t_end) {
+          *reinterpret_cast<float2*>(out + (t + 8) * kRankPad + j) =
+              make_float2(p.alpha * dxa[nb][2], p.alpha * dxa[nb][3]);
+        }
+        dxa[nb][0] = dxa[nb][1] = dxa[nb][2] = dxa[nb][3] = 0.f;
+      }
     }
   }
 
-  // This column group's dxa partial for the split's tokens. Each (row, rank) was summed by the thread writing it.
-  float* out = p.partials_dxa + static_cast<int64_t>(blockIdx.x) * p.tokens_padded * RPAD;
-  for (int i = threadIdx.x; i < kMaxSplitTokens * RPAD; i += kThreads) {
-    const int r = i / RPAD, j = i % RPAD;
-    if (t_begin + r < t_end) out[(t_begin + r) * RPAD + j] = p.alpha * dxa_sum[r][j];
+  // This split's dB partial for the group's columns (all 16 rank columns; finalize reads the first r).
+  float* out = p.partials_b + static_cast<int64_t>(blockIdx.y) * p.columns_padded * kRankPad;
+#pragma unroll
+  for (int g = 0; g < kGroupTiles; ++g) {
+    if (g >= tiles) break;
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb) {
+      const int64_t col = group_c0 + g * kTileCols + 16 * warp + 8 * nb + 2 * (lane % 4);
+      const int rank = lane / 4;
+      out[col * kRankPad + rank] = p.alpha * grad_b[g][nb][0];
+      out[(col + 1) * kRankPad + rank] = p.alpha * grad_b[g][nb][1];
+      out[col * kRankPad + rank + 8] = p.alpha * grad_b[g][nb][2];
+      out[(col + 1) * kRankPad + rank + 8] = p.alpha * grad_b[g][nb][3];
+    }
   }
+#else
+  __trap();  // dy_pass_mma_supported refuses GPUs before sm_80
+#endif
 }
 
-// Whether the one-pass kernel can take dy, B and xa (else the shrink and the token reduction run separately).
-inline bool dy_pass_supported(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tensor& activation) {
+// Whether the one-pass kernel can take dy, B and xa (else the shrink and the token reduction run separately). With
+// any_width false, only where it was measured to pay: from 1024 columns (on an H100 it beat the two passes at 2048,
+// 4096 and 11008 columns, docs/perf-notes.md v14; below 1024 the partials, 64 bytes per split and column, weigh more
+// against dy itself, not measured). any_width (LORA_EXT_DY_PASS=force) is for the tests of its edges.
+inline bool dy_pass_supported(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tensor& activation,
+                              bool any_width = false) {
+  const auto* properties = at::cuda::getCurrentDeviceProperties();
+  if (properties->major < 8) return false;  // mma.sync with bf16 operands
+  if (properties->sharedMemPerBlockOptin < dy_pass_detail::kSharedBytes) return false;
   const auto dtype = grad_y.scalar_type();
   if (!(dtype == at::kHalf || dtype == at::kBFloat16)) return false;
   if (lora_B.scalar_type() != dtype && lora_B.scalar_type() != at::kFloat) return false;
@@ -208,14 +255,8 @@ inline bool dy_pass_supported(const at::Tensor& grad_y, const at::Tensor& lora_B
     return false;
   }
   if (lora_B.stride(1) != 1 && rank != 1) return false;  // B's rows are read along the ranks
-  if (at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin < dy_pass_detail::kSharedBytes) return false;
-  // Measured on an H100 (docs/perf-notes.md v11): ahead of the two passes at out = 4096 (fwd+bwd 1.235× against
-  // 1.255×, r = 4 and with dropout too), behind at out = 11008 (1.128× against 1.102×), where its 22 column groups
-  // write 35 MB of partials. So it serves up to 4096 columns. Below 1024 columns the partials (16 KB per split and
-  // 256-column tile, whatever the tile's width) grow against dy itself, so the two passes keep those (not measured).
-  if (grad_y.size(1) > 4096 || grad_y.size(1) < 1024) return false;
-  // The grid's y dimension holds the token splits (≤ 256 tokens each).
-  if (grad_y.size(0) > int64_t{65535} * dy_pass_detail::kMaxSplitTokens) return false;
+  if (!any_width && grad_y.size(1) < 1024) return false;
+  if (grad_y.size(0) >= (int64_t{1} << 31)) return false;  // the kernel counts steps in 32 bits
   return grad_y.size(1) % 8 == 0 && grad_y.stride(1) == 1 && (grad_y.size(0) <= 1 || grad_y.stride(0) % 8 == 0) &&
          aligned16(grad_y.data_ptr());
 }
@@ -223,8 +264,8 @@ inline bool dy_pass_supported(const at::Tensor& grad_y, const at::Tensor& lora_B
 // grad_activation (tokens × r, float32, contiguous) = alpha · dy·B and grad_B (C × r, any floating dtype and
 // strides) = alpha · dyᵀ·xa, each summed in float32 and rounded once.
 template <typename T, typename TB>
-void launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::Tensor& grad_y, const at::Tensor& lora_B,
-                    const at::Tensor& activation, double alpha) {
+void launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::Tensor& grad_y,
+                        const at::Tensor& lora_B, const at::Tensor& activation, double alpha) {
   using namespace dy_pass_detail;
   const int64_t tokens = grad_y.size(0), columns = grad_y.size(1), rank = lora_B.size(1);
   if (columns == 0) {
@@ -235,27 +276,26 @@ void launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::T
     grad_B.zero_();
     return;
   }
-  const int64_t groups = (columns + kGroupTiles * kCols - 1) / (kGroupTiles * kCols);
-  // About two blocks (16 warps) per SM: more splits would add partials (64·C bytes per split) faster than speed.
+  const int64_t group_columns = kGroupTiles * kTileCols;
+  const int64_t groups = (columns + group_columns - 1) / group_columns;
+  // About two blocks per SM (16 warps): more splits would add dB partials (64·C bytes per split) faster than speed.
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int64_t tokens_per_split = (tokens * groups + 2 * sms - 1) / (2 * sms);
-  tokens_per_split = std::min<int64_t>(kMaxSplitTokens, std::max<int64_t>(kTokens, (tokens_per_split + kTokens - 1) / kTokens * kTokens));
+  tokens_per_split = std::max<int64_t>(kStepTokens, (tokens_per_split + kStepTokens - 1) / kStepTokens * kStepTokens);
   const int64_t splits = (tokens + tokens_per_split - 1) / tokens_per_split;
-  // The kernel's one-owner-per-dxa_sum-element argument needs whole 32-token steps and at most kMaxSplitTokens.
-  TORCH_INTERNAL_ASSERT(tokens_per_split % kTokens == 0 && tokens_per_split <= kMaxSplitTokens);
-  LORA_CHECK(splits <= 65535 && groups <= std::numeric_limits<int32_t>::max(), "lora_ext: too many tokens (", tokens,
-             ") or features (", columns, ")");
-  const int64_t columns_padded = groups * kGroupTiles * kCols, tokens_padded = splits * tokens_per_split;
+  LORA_CHECK(splits <= 65535 && groups <= std::numeric_limits<int32_t>::max() &&
+                 tokens_per_split / kStepTokens * kGroupTiles <= std::numeric_limits<int32_t>::max(),
+             "lora_ext: too many tokens (", tokens, ") or features (", columns, ")");
+  const int64_t columns_padded = groups * group_columns, tokens_padded = splits * tokens_per_split;
   const auto float_options = grad_y.options().dtype(at::kFloat);
   at::Tensor partials_b = at::empty({splits, columns_padded, kRankPad}, float_options);
   at::Tensor partials_dxa = at::empty({groups, tokens_padded, kRankPad}, float_options);
-  const at::Tensor b_rows = lora_B;
   DyPassParams p{};
   p.dy = grad_y.data_ptr();
   p.dy_stride_t = grad_y.stride(0);
-  p.b = b_rows.data_ptr();
-  p.b_stride_c = b_rows.stride(0);
-  p.b_vector_rows = rank_rows_vectorizable(b_rows);
+  p.b = lora_B.data_ptr();
+  p.b_stride_c = lora_B.stride(0);
+  p.b_vector_rows = rank_rows_vectorizable(lora_B);
   p.xa = activation.data_ptr<float>();
   p.xa_vector_rows = rank % 8 == 0;
   p.partials_b = partials_b.data_ptr<float>();
@@ -294,10 +334,10 @@ void launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::T
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // dxa: the column groups' partials added in order.
-  finalize_token_reduce_kernel<float><<<static_cast<unsigned>((tokens + kFinalizeColumns - 1) / kFinalizeColumns), 256, 0,
-                                        stream>>>(partials_dxa.data_ptr<float>(), groups, tokens, tokens_padded,
-                                                  static_cast<int>(rank), kRankPad, grad_activation.data_ptr<float>(),
-                                                  rank, 1, false);
+  const auto dxa_blocks = static_cast<unsigned>((tokens + kFinalizeColumns - 1) / kFinalizeColumns);
+  finalize_token_reduce_kernel<float><<<dxa_blocks, 256, 0, stream>>>(
+      partials_dxa.data_ptr<float>(), groups, tokens, tokens_padded, static_cast<int>(rank), kRankPad,
+      grad_activation.data_ptr<float>(), rank, 1, false);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

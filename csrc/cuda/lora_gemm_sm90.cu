@@ -514,7 +514,15 @@ bool gemm_usable(const at::Tensor& left, const at::Tensor& weight, int64_t k, in
   if (!copy_engine_rows(left) || !copy_engine_rows(weight)) return false;
   const auto* properties = at::cuda::getDeviceProperties(left.get_device());
   if (properties->major != 9 || properties->minor != 0) return false;
-  return (dtype == at::kBFloat16 ? kernel_clusters<at::BFloat16, kRight>() : kernel_clusters<at::Half, kRight>()) > 0;
+  auto runs = [](auto type_tag) {
+    using T = decltype(type_tag);
+    if (kernel_clusters<T, kRight>() <= 0) return false;
+    // dx's masked variant (dropout) is a kernel of its own: asked here too, so that a GPU where it cannot run falls
+    // back to cuBLAS instead of raising at its launch.
+    if constexpr (kRight == RightOperand::kNContiguous) return kernel_clusters<T, kRight, true>() > 0;
+    return true;
+  };
+  return dtype == at::kBFloat16 ? runs(at::BFloat16{}) : runs(at::Half{});
 }
 
 // out (M × N, new) = left·right + left_rank·right_rank (+ bias), one GEMM over K + r. The right operands are

@@ -39,6 +39,11 @@ inline void mm_float_out(at::Tensor& out, const at::Tensor& left, const at::Tens
   if (alpha != 1.0) out.mul_(alpha);
 }
 
+// Whether shrink() hands x·Wᵀ to cuBLAS for these operands (see kCublasMinRank).
+inline bool shrink_on_cublas(at::ScalarType x_dtype, int64_t rank, int64_t tokens, bool dropout) {
+  return x_dtype != at::kFloat && !dropout && rank >= kCublasMinRank && tokens >= kShrinkWmmaMinTokens;
+}
+
 // out (tokens × r, float32, contiguous) = alpha · dropout(x)·w_rkᵀ, where w_rk is a (r × K) view.
 template <typename act_t, typename adapter_t>
 void shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, double alpha, const int64_t* dropout_seed,
@@ -46,7 +51,7 @@ void shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, double
   const int64_t tokens = x.size(0), rank = w_rk.size(0), k = x.size(1);
   const bool dropout = dropout_seed != nullptr;
   if constexpr (!std::is_same_v<act_t, float>) {
-    if (!dropout && rank >= kCublasMinRank && tokens >= kShrinkWmmaMinTokens) {
+    if (shrink_on_cublas(x.scalar_type(), rank, tokens, dropout)) {
       // W rounded to X's type first (a small copy for float32 adapters), as our kernels do when staging it.
       mm_float_out(out, x, w_rk.to(x.scalar_type()).t(), alpha);
       return;
@@ -153,9 +158,16 @@ bool token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tens
     const int64_t rank = right.size(1);
     if (!DROPOUT && rank >= kCublasMinRank && matrix.size(0) >= kShrinkWmmaMinTokens) {
       // R rounded to M's type, as our kernels do when staging it (PEFT's bf16 LoRA rounds it too).
-      into_float_contiguous(out, [&](at::Tensor& result) {
-        mm_float_out(result, matrix.t(), right.to(matrix.scalar_type()), alpha);
-      });
+      const at::Tensor right_rounded = right.to(matrix.scalar_type());
+      if (out.stride(0) == 1 && out.t().is_contiguous() && out.scalar_type() != at::kFloat) {
+        // out is the transposed view of a contiguous (r × C) tensor (dA): the product computed as (r × C), so that
+        // the rounding copy runs along memory instead of transposing (an uncoalesced copy cost 4–5 µs at r = 64).
+        at::Tensor result_t = at::empty({out.size(1), out.size(0)}, out.options().dtype(at::kFloat));
+        mm_float_out(result_t, right_rounded.t(), matrix, alpha);
+        out.t().copy_(result_t);
+        return false;
+      }
+      into_float_contiguous(out, [&](at::Tensor& result) { mm_float_out(result, matrix.t(), right_rounded, alpha); });
       return false;
     }
     // Any rank: r % 8 != 0 is read with zeros past r (lora_token_reduce_wmma.cuh), not copied padded.

@@ -198,7 +198,11 @@ void launch_token_reduce_wmma(at::Tensor& out, const at::Tensor& matrix, const a
   }
   const int64_t rpad = rank <= 16 ? 16 : rank <= 32 ? 32 : 64;
   const int64_t column_tiles = (columns + kCols - 1) / kCols;
-  const int64_t wanted_blocks = 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // Blocks to aim for per SM (5 fit at 96 registers). The dropout variant draws Philox words between its loads and
+  // its MMAs; a grid of twice as many, shorter splits (more partials to add: 9 against 4.5 MB at 8192 × 4096) took
+  // its dA from 56 to 47 µs on an H100, where the plain variant lost 1 µs (docs/perf-notes.md v14).
+  const int64_t blocks_per_sm = DROPOUT ? 8 : 4;
+  const int64_t wanted_blocks = blocks_per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int64_t splits = (wanted_blocks + column_tiles - 1) / column_tiles;
   splits = std::max<int64_t>(1, std::min<int64_t>({splits, (tokens + 63) / 64, 65535}));  // ≥ 64 tokens a split
   const int64_t tokens_per_split = (tokens + splits - 1) / splits;

@@ -27,6 +27,7 @@
 #include <mutex>
 
 #include "async_copy.cuh"
+#include "mma_sync.cuh"
 #include "lora_token_reduce_wmma.cuh"
 #include "wmma_tiles.cuh"
 
@@ -68,34 +69,6 @@ static_assert(kStepTokens * (kRankPad / 8) == kThreads, "one 8-rank vector of xa
 // one ldmatrix matrix reads (same chunk, consecutive rows) land in eight different bank groups.
 __device__ __forceinline__ int swizzled(int row, int chunk) { return row * kTileCols + ((chunk ^ (row & 7)) * 8); }
 
-__device__ __forceinline__ void load_matrices_x4(uint32_t (&r)[4], const void* row_address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(static_cast<unsigned>(__cvta_generic_to_shared(row_address))));
-}
-__device__ __forceinline__ void load_matrices_x4_transposed(uint32_t (&r)[4], const void* row_address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(static_cast<unsigned>(__cvta_generic_to_shared(row_address))));
-}
-
-// acc (16 × 8, float32) += a (16 × 16) · b (16 × 8), 16-bit operands in mma.sync's fragment layouts.
-template <typename T>
-__device__ __forceinline__ void mma_16x8x16(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
 }  // namespace dy_pass_detail
 
 template <typename T, typename TB>

@@ -1,7 +1,7 @@
 """The backward's one-pass dxa/dB kernel on tensor cores (csrc/cuda/lora_dy_pass.cuh), at every width it can take
 (LORA_EXT_DY_PASS=force lifts the backward's lower limit of 1024 columns): column groups of 512 with partial last
-groups and tiles, token splits with partial 128-token steps, ranks 1–16 (16-byte and element-wise rows of xa and B),
-float32 adapters, dy rows with a stride, B as a view.
+groups and tiles, token splits of one and of two 128-token steps with partial last steps, ranks 1–16 (16-byte and
+element-wise rows of xa and B), float32 adapters, dy rows with a stride, B as a view.
 
 dB = s·dyᵀ·xa is checked against float64 sums of exactly the operands the kernel multiplies (xa rounded to dy's
 dtype), so only the float32 summation is allowed to differ; dxa enters dA = dxaᵀ·x (rounded to x's dtype there), so dA
@@ -24,6 +24,11 @@ SHAPES = [
     pytest.param((2000, 2056, 1), id="r1"),
     pytest.param((640, 11008, 12), id="mlp-width-r12"),
     pytest.param((520, 136, 8), id="one-partial-tile"),
+    # A split takes ≥ tokens·groups / (2·SMs) tokens in 128-token steps: with 132 SMs (H100, H200) these two give
+    # splits of 2 steps (both xa buffers, dxa written and cleared per step, dB summed over steps), the second with a
+    # last group of one tile.
+    pytest.param((5000, 4096, 16), id="2-steps-per-split"),
+    pytest.param((12000, 1152, 7), id="2-steps-last-group-1-tile"),
 ]
 
 
@@ -76,6 +81,7 @@ def _check(grad_y, x, weight, lora_A, lora_B, xa, monkeypatch):
         pytest.param(torch.bfloat16, torch.bfloat16, id="bf16"),
         pytest.param(torch.float16, torch.float16, id="f16"),
         pytest.param(torch.bfloat16, torch.float32, id="bf16-adapters_f32"),
+        pytest.param(torch.float16, torch.float32, id="f16-adapters_f32"),
     ],
 )
 def test_dy_pass_against_float64(shape, dtype, adapter_dtype, monkeypatch):

@@ -10,10 +10,12 @@
 // the group's tiles and is written once per step as the group's partial; dB accumulates in registers over the
 // split's tokens and is written once per block as the split's partial. Both read the same staged tile through
 // ldmatrix (plain for dxa's A operand, transposed for dB's B operand), with m16n8k16 MMAs.
-// finalize_token_reduce_kernel adds the partials in a fixed order (results repeat bit for bit).
+// finalize_token_reduce_kernel adds the partials in a fixed order: results repeat bit for bit on one GPU model (the
+// token splits follow its SM count, so another model may round differently).
 // Bytes: dy once; B once per block and xa once per column group, from L2; partials 64·(splits·C + groups·T) bytes
 // (12.6 MB at 8192 × 4096; 19 MB at 8192 × 11008, against the 180 MB read of dy the second pass would cost).
-// H100, 8192 tokens: 31 µs at 4096 columns (+ 12 µs of finalize), where session 9's WMMA kernel (warps owning
+// Two blocks fit an SM of 228 KB of shared memory (Hopper); on an A100 (164 KB) one does, and the grid, sized for two,
+// runs in two waves. H100, 8192 tokens: 31 µs at 4096 columns (+ 12 µs of finalize), where session 9's WMMA kernel (warps owning
 // columns, dxa summed across them through shared memory every 32 tokens) took 43; 74 µs at 11008 columns, where the
 // shrink and the token reduction took 139 (docs/perf-notes.md v14).
 #pragma once
@@ -24,6 +26,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <array>
+#include <atomic>
 #include <mutex>
 
 #include "async_copy.cuh"
@@ -206,7 +210,7 @@ __global__ void __launch_bounds__(dy_pass_detail::kThreads, 2) lora_dy_pass_kern
     }
   }
 #else
-  __trap();  // dy_pass_mma_supported refuses GPUs before sm_80
+  __trap();  // dy_pass_supported refuses GPUs before sm_80 and builds without an sm_80+ image of this kernel
 #endif
 }
 
@@ -214,10 +218,25 @@ __global__ void __launch_bounds__(dy_pass_detail::kThreads, 2) lora_dy_pass_kern
 // any_width false, only where it was measured to pay: from 1024 columns (on an H100 it beat the two passes at 2048,
 // 4096 and 11008 columns, docs/perf-notes.md v14; below 1024 the partials, 64 bytes per split and column, weigh more
 // against dy itself, not measured). any_width (LORA_EXT_DY_PASS=force) is for the tests of its edges.
+// Whether this build's kernel for the current device was compiled for sm_80+ (its body is __trap() otherwise, e.g.
+// in a build for 7.5 with PTX that the driver compiles for a newer GPU); asked once per device.
+inline bool dy_pass_kernel_compiled_for_sm80() {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> decided{};  // 0: not yet; 1: yes; -1: no
+  const int device = c10::cuda::current_device();
+  if (device < kMaxDevices && decided[device].load() != 0) return decided[device].load() > 0;
+  cudaFuncAttributes attributes{};
+  const bool ok = cudaFuncGetAttributes(&attributes, lora_dy_pass_kernel<at::BFloat16, at::BFloat16>) == cudaSuccess &&
+                  attributes.ptxVersion >= 80;
+  if (!ok) (void)cudaGetLastError();  // a refused query's error is not left for the next launch to report
+  if (device < kMaxDevices) decided[device].store(ok ? 1 : -1);
+  return ok;
+}
+
 inline bool dy_pass_supported(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tensor& activation,
                               bool any_width = false) {
   const auto* properties = at::cuda::getCurrentDeviceProperties();
-  if (properties->major < 8) return false;  // mma.sync with bf16 operands
+  if (properties->major < 8 || !dy_pass_kernel_compiled_for_sm80()) return false;  // mma.sync with bf16 operands
   if (properties->sharedMemPerBlockOptin < dy_pass_detail::kSharedBytes) return false;
   const auto dtype = grad_y.scalar_type();
   if (!(dtype == at::kHalf || dtype == at::kBFloat16)) return false;
@@ -259,7 +278,10 @@ void launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::T
   LORA_CHECK(splits <= 65535 && groups <= std::numeric_limits<int32_t>::max() &&
                  tokens_per_split / kStepTokens * kGroupTiles <= std::numeric_limits<int32_t>::max(),
              "lora_ext: too many tokens (", tokens, ") or features (", columns, ")");
-  const int64_t columns_padded = groups * group_columns, tokens_padded = splits * tokens_per_split;
+  // dB's partial rows cover whole groups (the kernel stores its tiles unguarded); dxa's only the tokens (rows past
+  // the last token are neither written nor read), which at very wide C (one split longer than all the tokens) saves
+  // most of that buffer.
+  const int64_t columns_padded = groups * group_columns, tokens_padded = tokens;
   const auto float_options = grad_y.options().dtype(at::kFloat);
   at::Tensor partials_b = at::empty({splits, columns_padded, kRankPad}, float_options);
   at::Tensor partials_dxa = at::empty({groups, tokens_padded, kRankPad}, float_options);

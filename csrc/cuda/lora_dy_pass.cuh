@@ -15,9 +15,9 @@
 // Bytes: dy once; B once per block and xa once per column group, from L2; partials 64·(splits·C + groups·T) bytes
 // (12.6 MB at 8192 × 4096; 19 MB at 8192 × 11008, against the 180 MB read of dy the second pass would cost).
 // Two blocks fit an SM of 228 KB of shared memory (Hopper); on an A100 (164 KB) one does, and the grid, sized for two,
-// runs in two waves. H100, 8192 tokens: 31 µs at 4096 columns (+ 12 µs of finalize), where session 9's WMMA kernel (warps owning
-// columns, dxa summed across them through shared memory every 32 tokens) took 43; 74 µs at 11008 columns, where the
-// shrink and the token reduction took 139 (docs/perf-notes.md v14).
+// runs in two waves. H100, 8192 tokens: 31 µs at 4096 columns (+ 12 µs of finalize), where session 9's WMMA kernel
+// (warps owning columns, dxa summed across them through shared memory every 32 tokens) took 43; 74 µs at 11008
+// columns, where the shrink and the token reduction took 139 (docs/perf-notes.md v14).
 #pragma once
 
 #include "../error_message.h"
@@ -214,10 +214,6 @@ __global__ void __launch_bounds__(dy_pass_detail::kThreads, 2) lora_dy_pass_kern
 #endif
 }
 
-// Whether the one-pass kernel can take dy, B and xa (else the shrink and the token reduction run separately). With
-// any_width false, only where it was measured to pay: from 1024 columns (on an H100 it beat the two passes at 2048,
-// 4096 and 11008 columns, docs/perf-notes.md v14; below 1024 the partials, 64 bytes per split and column, weigh more
-// against dy itself, not measured). any_width (LORA_EXT_DY_PASS=force) is for the tests of its edges.
 // Whether this build's kernel for the current device was compiled for sm_80+ (its body is __trap() otherwise, e.g.
 // in a build for 7.5 with PTX that the driver compiles for a newer GPU); asked once per device.
 inline bool dy_pass_kernel_compiled_for_sm80() {
@@ -233,6 +229,10 @@ inline bool dy_pass_kernel_compiled_for_sm80() {
   return ok;
 }
 
+// Whether the one-pass kernel can take dy, B and xa (else the shrink and the token reduction run separately). With
+// any_width false, only where it was measured to pay: from 1024 columns (on an H100 it beat the two passes at 2048,
+// 4096 and 11008 columns, docs/perf-notes.md v14; below 1024 the partials, 64 bytes per split and column, weigh more
+// against dy itself, not measured). any_width (LORA_EXT_DY_PASS=force) is for the tests of its edges.
 inline bool dy_pass_supported(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tensor& activation,
                               bool any_width = false) {
   const auto* properties = at::cuda::getCurrentDeviceProperties();
@@ -256,8 +256,8 @@ inline bool dy_pass_supported(const at::Tensor& grad_y, const at::Tensor& lora_B
 // grad_activation (tokens × r, float32, contiguous) = alpha · dy·B and grad_B (C × r, any floating dtype and
 // strides) = alpha · dyᵀ·xa, each summed in float32 and rounded once.
 template <typename T, typename TB>
-void launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::Tensor& grad_y,
-                        const at::Tensor& lora_B, const at::Tensor& activation, double alpha) {
+void launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::Tensor& grad_y, const at::Tensor& lora_B,
+                    const at::Tensor& activation, double alpha) {
   using namespace dy_pass_detail;
   const int64_t tokens = grad_y.size(0), columns = grad_y.size(1), rank = lora_B.size(1);
   if (columns == 0) {

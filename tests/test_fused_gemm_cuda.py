@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import lora_ext
-from conftest import (capture_cuda_graph, lora_reference, make_params, make_x, relative_error, requires_cuda,
-                      seed_tensor)
+from conftest import (assert_bit_identical, capture_cuda_graph, lora_reference, make_params, make_x, relative_error,
+                      requires_cuda, seed_tensor)
 from test_ops import SCALING, _check_backward
 
 pytestmark = requires_cuda
@@ -274,3 +274,61 @@ def test_fused_forward_in_a_cuda_graph_and_on_a_side_stream(monkeypatch):
         assert torch.equal(static_y, eager_y) and torch.equal(static_xa, eager_xa)
         ref = lora_reference(fresh, weight, bias, lora_A, lora_B, SCALING)
         assert relative_error(static_y, ref["y"]) <= 2 * UNIT_ROUNDOFF[torch.bfloat16]
+
+
+# (tokens, in_features, out_features, rank): a tail of tokens % 16 rows that the shrink's tensor-core kernel leaves to
+# the general one (and so to finish_lora_gemm_operand), several dy-pass column groups, and r below 8.
+ROUNDED_COPY_SHAPES = [
+    pytest.param((1031, 520, 1032, 8), id="token-tail"),
+    pytest.param((1024, 512, 2048, 16), id="aligned-r16"),
+    pytest.param((2053, 1024, 1000, 5), id="r5-tail"),
+]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("shape", ROUNDED_COPY_SHAPES)
+@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
+def test_rank_operands_written_by_their_kernels_match_the_separate_rounding(monkeypatch, dtype, adapter_dtype, shape,
+                                                                            dropout_p):
+    """The fused GEMMs' rank-r operands (s·xa in the forward, keep_scale·dxa for dx) are written by the shrink and the
+    dy pass as they produce the float32 values (rounded_copy.cuh); LORA_EXT_ROUNDED_COPY=0 makes them with a separate
+    multiply-and-round kernel instead. Both must give the same operands, so y, dx, dA and dB bit for bit."""
+    monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force")
+    monkeypatch.setenv("LORA_EXT_DY_PASS", "force")
+    tokens, in_features, out_features, rank = shape
+    x = make_x(tokens, in_features, dtype, "cuda")
+    weight, bias, lora_A, lora_B = make_params(in_features, out_features, rank, dtype, adapter_dtype, "cuda")
+    grad_y = torch.randn(tokens, out_features, device="cuda", dtype=dtype)
+    seed = seed_tensor(99, x.device) if dropout_p > 0 else None
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("LORA_EXT_ROUNDED_COPY", setting)
+        y, xa = torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, dropout_p, seed)
+        grads = torch.ops.lora_ext.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, dropout_p, seed, True)
+        results[setting] = (y, xa, *grads)
+    for name, with_copy, without in zip(("y", "xa", "dx", "dA", "dB"), results["1"], results["0"]):
+        assert_bit_identical(with_copy, without, name)
+
+
+def test_rank_operand_copies_replace_the_rounding_kernels(monkeypatch):
+    """Where the shrink's tensor-core kernel and the dy pass serve every row, a forward and backward on the fused GEMMs
+    launch no elementwise kernel of PyTorch's (the multiply-and-round that LORA_EXT_ROUNDED_COPY=0 brings back)."""
+    if not fused_gemm_serves("cuda"):
+        pytest.skip("the fused GEMMs do not serve on this GPU or build")
+    monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force")
+    monkeypatch.setenv("LORA_EXT_DY_PASS", "force")
+    x = make_x(1024, 512, torch.bfloat16, "cuda")
+    weight, bias, lora_A, lora_B = make_params(512, 1024, 16, torch.bfloat16, torch.bfloat16, "cuda")
+    grad_y = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def elementwise_kernels(setting):
+        monkeypatch.setenv("LORA_EXT_ROUNDED_COPY", setting)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            y, xa = torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, 0.0, None)
+            torch.ops.lora_ext.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.0, None, True)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA and "elementwise" in e.name]
+
+    assert elementwise_kernels("1") == []
+    assert len(elementwise_kernels("0")) == 2  # the two it replaces, forward and backward

@@ -17,6 +17,7 @@
 #include "dropout_keep_bytes.cuh"
 #include "lora_dy_pass.cuh"
 #include "lora_gemm_sm90.h"
+#include "rounded_copy.cuh"
 #include "lora_steps.cuh"
 #include "nvtx_range.h"
 
@@ -68,6 +69,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   at::Tensor grad_x = compute_grad_x && !fused_grad_x ? at::matmul(grad_y, weight) : at::empty({0}, x.options());
   const uint32_t threshold = dropout_threshold(dropout_p);
   const double keep_scale = dropout_keep_scale(dropout_p);
+  // The fused dx GEMM's rank-r operand (keep_scale·dxa in dy's dtype, lora_gemm_operand's layout).
+  at::Tensor scaled_grad_activation =
+      fused_grad_x ? new_lora_gemm_operand(dims.tokens, dims.rank, grad_y.options()) : at::Tensor();
+  bool scaled_rows_written = false;
 
   // The adapters transposed into contiguous copies (r × out and in × r; small): the tensor-core kernels read
   // them 16 bytes at a time along K and along the rank, where the strided views cost them 1.3–2.5× (r = 64).
@@ -91,7 +96,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     bool done = false;
     if constexpr (!std::is_same_v<act_t, float>) {
       if (one_pass_over_dy) {
-        launch_dy_pass<act_t, adapter_t>(grad_activation, grad_B, grad_y, lora_B, activation, scaling);
+        RoundedCopy rounded;
+        if (fused_grad_x && rounded_copy_enabled()) {  // the dx GEMM's operand keep_scale·dxa, by the pass's last kernel
+          rounded = RoundedCopy{scaled_grad_activation.data_ptr(), scaled_grad_activation.stride(0),
+                                static_cast<float>(keep_scale)};
+        }
+        scaled_rows_written =
+            launch_dy_pass<act_t, adapter_t>(grad_activation, grad_B, grad_y, lora_B, activation, scaling, rounded);
         done = true;
       }
     }
@@ -121,9 +132,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     }
   });
   if (fused_grad_x) {
-    // keep_scale·dxa rounded once to dy's dtype for the GEMM's K steps, as the forward rounds s·xa.
-    grad_x = fused_lora_grad_x(grad_y, weight, lora_gemm_operand(grad_activation, grad_y.scalar_type(), keep_scale),
-                               lora_gemm_operand(lora_A, grad_y.scalar_type()), keep_bytes);
+    // keep_scale·dxa rounded once to dy's dtype for the GEMM's K steps, as the forward rounds s·xa (written above by
+    // the dy pass where it ran).
+    if (!scaled_rows_written) finish_lora_gemm_operand(scaled_grad_activation, grad_activation, keep_scale, 0);
+    grad_x = fused_lora_grad_x(grad_y, weight, scaled_grad_activation, lora_gemm_operand(lora_A, grad_y.scalar_type()),
+                               keep_bytes);
   }
   return {grad_x, grad_A, grad_B};
 }

@@ -16,6 +16,7 @@
 #include "lora_decode.cuh"
 #include "lora_decode_gemv.cuh"
 #include "lora_gemm_sm90.h"
+#include "rounded_copy.cuh"
 #include "lora_steps.cuh"
 #include "nvtx_range.h"
 
@@ -43,14 +44,21 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
   at::Tensor lora_activation = at::empty({dims.tokens, dims.rank}, x.options().dtype(at::kFloat));
   const int64_t* seed = dropout_p > 0.0 ? dropout_seed->data_ptr<int64_t>() : nullptr;
   if (fused_lora_gemm_usable(x, weight, bias, dims.rank)) {
-    // Hopper: xa by our shrink, then one GEMM over in + r for y = x·Wᵀ + b + (s·xa)·Bᵀ (lora_gemm_sm90.h).
+    // Hopper: xa by our shrink, then one GEMM over in + r for y = x·Wᵀ + b + (s·xa)·Bᵀ (lora_gemm_sm90.h). The
+    // shrink also writes s·xa in x's dtype, the GEMM's operand, where its tensor-core kernel runs.
+    at::Tensor scaled_activation = new_lora_gemm_operand(dims.tokens, dims.rank, x.options());
+    int64_t scaled_rows = 0;
     dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
       using act_t = decltype(act_tag);
       using adapter_t = decltype(adapter_tag);
-      shrink<act_t, adapter_t>(lora_activation, x, lora_A, dropout_keep_scale(dropout_p), seed,
-                               dropout_threshold(dropout_p));
+      const RoundedCopy rounded = rounded_copy_enabled() ? RoundedCopy{scaled_activation.data_ptr(),
+                                                                        scaled_activation.stride(0),
+                                                                        static_cast<float>(scaling)}
+                                                          : RoundedCopy{};
+      scaled_rows = shrink<act_t, adapter_t>(lora_activation, x, lora_A, dropout_keep_scale(dropout_p), seed,
+                                             dropout_threshold(dropout_p), rounded);
     });
-    const at::Tensor scaled_activation = lora_gemm_operand(lora_activation, x.scalar_type(), scaling);
+    finish_lora_gemm_operand(scaled_activation, lora_activation, scaling, scaled_rows);
     const at::Tensor y = fused_lora_gemm(x, weight, bias, scaled_activation, lora_gemm_operand(lora_B, x.scalar_type()));
     return {y, lora_activation};
   }

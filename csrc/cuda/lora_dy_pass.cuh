@@ -47,8 +47,8 @@ struct DyPassParams {
   const float* xa;     // (tokens × r), contiguous
   bool xa_vector_rows;
   float* partials_b;    // (splits × C_pad × 16)
-  float* partials_dxa;  // (groups × T_pad × 16)
-  int64_t tokens, columns, rank, tokens_per_split, columns_padded, tokens_padded;
+  float* partials_dxa;  // (groups × tokens × 16)
+  int64_t tokens, columns, rank, tokens_per_split, columns_padded;
   float alpha;
 };
 
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(dy_pass_detail::kThreads, 2) lora_dy_pass_kern
 
     if (tile == tiles - 1) {
       // The step's dxa over the group's columns: this group's partial for the warp's 16 tokens.
-      float* out = p.partials_dxa + static_cast<int64_t>(blockIdx.x) * p.tokens_padded * kRankPad;
+      float* out = p.partials_dxa + static_cast<int64_t>(blockIdx.x) * p.tokens * kRankPad;
       const int64_t t = t_begin + static_cast<int64_t>(step) * kStepTokens + 16 * warp + lane / 4;
 #pragma unroll
       for (int nb = 0; nb < 2; ++nb) {
@@ -254,19 +254,20 @@ inline bool dy_pass_supported(const at::Tensor& grad_y, const at::Tensor& lora_B
 }
 
 // grad_activation (tokens × r, float32, contiguous) = alpha · dy·B and grad_B (C × r, any floating dtype and
-// strides) = alpha · dyᵀ·xa, each summed in float32 and rounded once.
+// strides) = alpha · dyᵀ·xa, each summed in float32 and rounded once. With `rounded` (in T), grad_activation · its
+// scale there too. Returns whether `rounded` was written.
 template <typename T, typename TB>
-void launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::Tensor& grad_y, const at::Tensor& lora_B,
-                    const at::Tensor& activation, double alpha) {
+bool launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::Tensor& grad_y, const at::Tensor& lora_B,
+                    const at::Tensor& activation, double alpha, RoundedCopy rounded = {}) {
   using namespace dy_pass_detail;
   const int64_t tokens = grad_y.size(0), columns = grad_y.size(1), rank = lora_B.size(1);
   if (columns == 0) {
     grad_activation.zero_();
-    return;
+    return false;
   }
   if (tokens == 0) {
     grad_B.zero_();
-    return;
+    return false;
   }
   const int64_t group_columns = kGroupTiles * kTileCols;
   const int64_t groups = (columns + group_columns - 1) / group_columns;
@@ -281,10 +282,10 @@ void launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::T
   // dB's partial rows cover whole groups (the kernel stores its tiles unguarded); dxa's only the tokens (rows past
   // the last token are neither written nor read), which at very wide C (one split longer than all the tokens) saves
   // most of that buffer.
-  const int64_t columns_padded = groups * group_columns, tokens_padded = tokens;
+  const int64_t columns_padded = groups * group_columns;
   const auto float_options = grad_y.options().dtype(at::kFloat);
   at::Tensor partials_b = at::empty({splits, columns_padded, kRankPad}, float_options);
-  at::Tensor partials_dxa = at::empty({groups, tokens_padded, kRankPad}, float_options);
+  at::Tensor partials_dxa = at::empty({groups, tokens, kRankPad}, float_options);
   DyPassParams p{};
   p.dy = grad_y.data_ptr();
   p.dy_stride_t = grad_y.stride(0);
@@ -300,7 +301,6 @@ void launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::T
   p.rank = rank;
   p.tokens_per_split = tokens_per_split;
   p.columns_padded = columns_padded;
-  p.tokens_padded = tokens_padded;
   p.alpha = static_cast<float>(alpha);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // More than 48 KB of shared memory must be asked for, once per device and instantiation.
@@ -330,10 +330,11 @@ void launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::T
   });
   // dxa: the column groups' partials added in order.
   const auto dxa_blocks = static_cast<unsigned>((tokens + kFinalizeColumns - 1) / kFinalizeColumns);
-  finalize_token_reduce_kernel<float><<<dxa_blocks, 256, 0, stream>>>(
-      partials_dxa.data_ptr<float>(), groups, tokens, tokens_padded, static_cast<int>(rank), kRankPad,
-      grad_activation.data_ptr<float>(), rank, 1, false);
+  finalize_token_reduce_kernel<float, T><<<dxa_blocks, 256, 0, stream>>>(
+      partials_dxa.data_ptr<float>(), groups, tokens, tokens, static_cast<int>(rank), kRankPad,
+      grad_activation.data_ptr<float>(), rank, 1, false, rounded);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return rounded.out != nullptr;
 }
 
 }  // namespace cuda

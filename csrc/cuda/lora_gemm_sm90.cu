@@ -50,10 +50,8 @@ constexpr int kClusterBlocks = 2;  // blocks of a cluster share (multicast) the 
 constexpr int kTileXBytes = kTileM * kTileK * 2;  // 16 KB
 constexpr int kTileWBytes = kTileN * kTileK * 2;  // 32 KB
 constexpr int kStageBytes = kTileXBytes + kTileWBytes;
-// Epilogue staging, per consumer warpgroup: 64 rows × 128 columns (half its tile at a time), as two 64 × 64 boxes
-// of the output's tensor map, 128-byte swizzled.
-constexpr int kOutRoundColumns = 128;
-constexpr int kOutStagingBytes = 64 * kOutRoundColumns * 2;  // 16 KB
+// Epilogue staging, per consumer warpgroup: two 16 × 64 boxes of the output's tensor map per warp, 128-byte swizzled.
+constexpr int kOutStagingBytes = 4 * 2 * 16 * 64 * 2;  // 16 KB
 constexpr int kSharedBytes =
     kStages * kStageBytes + 2 * kOutStagingBytes + 2 * kStages * 8 + 1024;  // + barriers + alignment slack
 static_assert(kSharedBytes <= 227 * 1024, "more shared memory than an H100 block may have");
@@ -117,12 +115,16 @@ __device__ __forceinline__ void tile_origin(int pair_tile, uint32_t block_rank, 
   n0 = (in_group / pairs_in_group) * kTileN;
 }
 
-// Two float32 values rounded to T and packed into one 32-bit word (the first in the low half).
+// Two float32 values rounded (to nearest even) to T and packed into one 32-bit word, the first in the low half: one
+// cvt instruction per pair.
 template <typename T>
 __device__ __forceinline__ uint32_t pack_pair(float first, float second) {
-  T pair[2] = {static_cast<T>(first), static_cast<T>(second)};
   uint32_t word;
-  memcpy(&word, pair, sizeof(word));
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(word) : "f"(second), "f"(first));  // a → the high half, b → the low
+  } else {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(word) : "f"(second), "f"(first));
+  }
   return word;
 }
 
@@ -159,6 +161,95 @@ __device__ __forceinline__ void apply_keep_bytes(float (&acc)[128], const TileKe
       const uint32_t pair = words[j / 4] >> (8 * (j % 4) + shift);
       if ((pair & 1u) == 0) acc[4 * j + 2 * h] = 0.f;
       if ((pair & 2u) == 0) acc[4 * j + 2 * h + 1] = 0.f;
+    }
+  }
+}
+
+// The bias values of columns `column` and +1 as they are in memory (two 16-bit values in one word, the first in the
+// low half), zero past the output's last column or without a bias. out is a multiple of 8, so a pair is wholly in.
+template <typename T>
+__device__ __forceinline__ uint32_t load_bias_pair(const T* bias, int64_t column, int64_t out) {
+  if (bias == nullptr || column >= out) return 0;
+  T pair[2] = {bias[column], bias[column + 1]};
+  uint32_t word;
+  memcpy(&word, pair, sizeof(word));
+  return word;
+}
+
+// A tile's 256 bias values as each warp holds them: lane l has the column pairs l, l + 32, l + 64 and l + 96 (columns
+// n0 + 2·pair, +1), loaded when the tile starts so that the loads are long done by the epilogue, which passes them
+// among its lanes by shuffles. Loaded in the epilogue's loop instead, the bias cost 11 µs of the 8192 × 4096² GEMM
+// (each load waited out before the next stmatrix; docs/perf-notes.md v15).
+struct TileBias {
+  uint32_t pairs[4];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_tile_bias(TileBias& tile_bias, const T* bias, int n0, int64_t out, int lane) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) tile_bias.pairs[i] = load_bias_pair(bias, n0 + 2 * (lane + 32 * i), out);
+}
+
+template <typename T>
+__device__ __forceinline__ float2 unpack_pair(uint32_t word) {
+  T pair[2];
+  memcpy(pair, &word, sizeof(word));
+  return make_float2(static_cast<float>(pair[0]), static_cast<float>(pair[1]));
+}
+
+// A consumer warpgroup's epilogue: its 64 × 256 accumulators (+ bias), rounded once to T, out through the copy engine,
+// so that the next tile's MMAs start while the rows are written (storing straight from the registers cost 37 µs of
+// the 8192 × 4096² GEMM, docs/perf-notes.md v8). Accumulator layout of m64n256: thread (warp w, lane l) holds, for
+// each 8-column block j, rows 16w + l/4 (+8) and columns 8j + 2(l%4) (+1) in acc[4j .. 4j+3]. Each warp stores its own
+// 16 rows, 64 columns at a time, through two 2 KB boxes of the warpgroup's staging buffer (16 rows × 64 columns,
+// 128-byte swizzled as the output map expects) used in turn: stmatrix writes the accumulators' layout as it is (the
+// shuffle transposes it replaced cost 14% of the consumers' time, v11), and the warp's first lane issues the store.
+// A box is written again once the store from two rounds before has read it, so warps wait on nothing but their own
+// stores: 1–1.5 µs per GEMM faster than warpgroup-wide rounds of 128 columns with barriers (v15).
+template <typename T, bool kHasBias>
+__device__ __forceinline__ void store_tile(const float (&acc)[128], const TileBias& tile_bias, unsigned char* staging,
+                                           const CUtensorMap* y_map, int64_t row0, int n0, int64_t out, int thread) {
+  using namespace sm90;
+  constexpr int kBoxColumns = 64, kBoxBytes = 16 * kBoxColumns * 2;  // 2 KB
+  const int warp = thread / 32, lane = thread % 32;
+  unsigned char* warp_staging = staging + warp * 2 * kBoxBytes;
+  // stmatrix: lane l addresses row l % 8 of matrix l / 8; per 16-column chunk the matrices are (rows 0–7, columns
+  // 0–7), (rows 8–15, columns 0–7), (rows 0–7, columns 8–15), (rows 8–15, columns 8–15) of the warp's 16 rows.
+  const int matrix = lane / 8;
+  const int local_row = (matrix & 1) * 8 + lane % 8;  // the row of the warp's 16 this lane addresses
+  const int matrix_half = matrix >> 1;                // its 8-column half of each chunk
+  const int quad_lane = lane % 4;
+#pragma unroll
+  for (int round = 0; round < kTileN / kBoxColumns; ++round) {
+    unsigned char* box = warp_staging + (round % 2) * kBoxBytes;
+    if (lane == 0) bulk_wait_source_read<1>();  // the store of two rounds ago (this box's last) has read it
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < kBoxColumns / 16; ++c) {
+      const int chunk = round * (kBoxColumns / 16) + c;
+      const int block0 = 2 * chunk, block1 = 2 * chunk + 1;
+      float2 bias0 = make_float2(0.f, 0.f), bias1 = make_float2(0.f, 0.f);
+      if constexpr (kHasBias) {
+        // This lane's column pair in block0 (tile column 16·chunk + 2·quad_lane) is pair 8·chunk + quad_lane, held
+        // by lane (8·chunk + quad_lane) % 32 in its register chunk / 4; block1's is 4 pairs on.
+        const uint32_t word = tile_bias.pairs[chunk / 4];
+        bias0 = unpack_pair<T>(__shfl_sync(0xffffffffu, word, 8 * (chunk % 4) + quad_lane));
+        bias1 = unpack_pair<T>(__shfl_sync(0xffffffffu, word, 8 * (chunk % 4) + 4 + quad_lane));
+      }
+      // 16 bytes at (local_row, columns 16c + 8·matrix_half of the box), 128-byte swizzle.
+      const int chunk16 = c * 2 + matrix_half;
+      unsigned char* row_address = box + local_row * 128 + ((chunk16 ^ (local_row % 8)) * 16);
+      store_matrices_x4(row_address, pack_pair<T>(acc[4 * block0] + bias0.x, acc[4 * block0 + 1] + bias0.y),
+                        pack_pair<T>(acc[4 * block0 + 2] + bias0.x, acc[4 * block0 + 3] + bias0.y),
+                        pack_pair<T>(acc[4 * block1] + bias1.x, acc[4 * block1 + 1] + bias1.y),
+                        pack_pair<T>(acc[4 * block1 + 2] + bias1.x, acc[4 * block1 + 3] + bias1.y));
+    }
+    fence_shared_for_copy_engine();
+    __syncwarp();
+    if (lane == 0) {
+      const int column = n0 + round * kBoxColumns;
+      if (column < out) store_tile_async(y_map, box, column, row0 + warp * 16);
+      bulk_commit();
     }
   }
 }
@@ -252,6 +343,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       tile_origin(tile, block_rank, shape, m0, n0);
       TileKeepBytes keep;
       if constexpr (kDropout) load_keep_bytes(keep, dropout, shape.tokens, m0 + thread_row, n0);
+      TileBias tile_bias{};
+      if (bias != nullptr) load_tile_bias(tile_bias, bias, n0, shape.out, thread % 32);
       int previous_stage = -1;
       for (int kb = 0; kb < k_blocks; ++kb) {
         mbarrier_wait(&full[stage], phase);
@@ -310,63 +403,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 128; ++i) fence_accumulator(acc[i]);
       if (thread == 0) release_stage(&empty[previous_stage]);
 
-      // Epilogue. Accumulator layout of m64n256: thread (warp w, lane l) holds, for each 8-column block j,
-      // rows 16w + l/4 (+8) and columns 8j + 2(l%4) (+1) in acc[4j .. 4j+3]. The rows go out through the copy
-      // engine, so the next tile's MMAs start while they are written (storing straight from the registers cost
-      // 37 µs of the 8192 × 4096 GEMM, docs/perf-notes.md v8): the warpgroup writes half of its 64 × 256 rows at a
-      // time into its staging buffer (swizzled as the output map expects) with stmatrix, which takes the
-      // accumulators' layout as it is (the shuffle transposes it replaced made the epilogue 14% of the consumers'
-      // time, v11), and one thread issues the stores.
-      const int warp = thread / 32, lane = thread % 32;
-      // stmatrix: lane l addresses row l % 8 of matrix l / 8; per 16-column chunk the matrices are (rows 0–7,
-      // columns 0–7), (rows 8–15, columns 0–7), (rows 0–7, columns 8–15), (rows 8–15, columns 8–15) of the warp's
-      // 16 rows.
-      const int matrix = lane / 8;
-      const int local_row = warp * 16 + (matrix & 1) * 8 + lane % 8;  // the row this lane addresses
-      const int matrix_half = matrix >> 1;                             // its 8-column half of each chunk
-      const int64_t row0 = m0 + consumer * 64;
       unsigned char* staging = out_staging + consumer * kOutStagingBytes;
-      constexpr int kOutBoxColumns = 64, kOutBoxBytes = 64 * kOutBoxColumns * 2;  // 8 KB boxes
-      const uint32_t barrier_id = 1 + consumer;  // named barrier of this warpgroup
-      const int quad_lane = lane % 4;
-#pragma unroll
-      for (int round = 0; round < 2; ++round) {
-        // The staging buffer is free once the previous stores from it have read it.
-        if (thread == 0) bulk_wait_source_read();
-        named_barrier(barrier_id, 128);
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          const int chunk = round * 8 + c;
-          const int block0 = 2 * chunk, block1 = 2 * chunk + 1;
-          const int64_t column = n0 + chunk * 16 + 2 * quad_lane;  // this lane's pair in block0; +8 in block1
-          float2 bias0 = make_float2(0.f, 0.f), bias1 = make_float2(0.f, 0.f);
-          if (bias != nullptr && column < shape.out) {  // out % 8 == 0: a block is wholly in or out
-            bias0 = make_float2(static_cast<float>(bias[column]), static_cast<float>(bias[column + 1]));
-            if (column + 8 < shape.out) {
-              bias1 = make_float2(static_cast<float>(bias[column + 8]), static_cast<float>(bias[column + 9]));
-            }
-          }
-          // 16 bytes per addressed row at (local_row, column c·16 + 8·matrix_half of this round), in box c / 4,
-          // 128-byte swizzle.
-          const int chunk16 = (c % 4) * 2 + matrix_half;
-          unsigned char* row_address =
-              staging + (c / 4) * kOutBoxBytes + local_row * 128 + ((chunk16 ^ (local_row % 8)) * 16);
-          store_matrices_x4(row_address,
-                            pack_pair<T>(acc[4 * block0] + bias0.x, acc[4 * block0 + 1] + bias0.y),
-                            pack_pair<T>(acc[4 * block0 + 2] + bias0.x, acc[4 * block0 + 3] + bias0.y),
-                            pack_pair<T>(acc[4 * block1] + bias1.x, acc[4 * block1 + 1] + bias1.y),
-                            pack_pair<T>(acc[4 * block1 + 2] + bias1.x, acc[4 * block1 + 3] + bias1.y));
-        }
-        fence_shared_for_copy_engine();
-        named_barrier(barrier_id, 128);
-        if (thread == 0) {
-#pragma unroll
-          for (int box = 0; box < kOutRoundColumns / kOutBoxColumns; ++box) {
-            const int column = n0 + round * kOutRoundColumns + box * kOutBoxColumns;
-            if (column < shape.out) store_tile_async(&y_map, staging + box * kOutBoxBytes, column, row0);
-          }
-          bulk_commit();
-        }
+      const int64_t row0 = m0 + consumer * 64;
+      if (bias != nullptr) {
+        store_tile<T, true>(acc, tile_bias, staging, &y_map, row0, n0, shape.out, thread);
+      } else {
+        store_tile<T, false>(acc, tile_bias, staging, &y_map, row0, n0, shape.out, thread);
       }
     }
     if (thread == 0) bulk_wait_all();  // the last stores are done before the block (and its shared memory) goes
@@ -545,7 +587,7 @@ at::Tensor launch_gemm(const at::Tensor& left, const at::Tensor& right, const c1
   const CUtensorMap left_map = tile_map(left, k, kTileM), right_map = tile_map(right, k_contiguous ? k : n, right_box_rows);
   const CUtensorMap left_rank_map = tile_map(left_rank, rank, kTileM);
   const CUtensorMap right_rank_map = tile_map(right_rank, k_contiguous ? rank : n, right_box_rows);
-  const CUtensorMap out_map = tile_map(out, n, 64);  // the epilogue's 64 × 64 boxes
+  const CUtensorMap out_map = tile_map(out, n, 16);  // the epilogue's boxes: a warp's 16 rows × 64 columns
   GemmShape shape;
   shape.tokens = tokens;
   shape.out = n;
@@ -602,17 +644,10 @@ bool fused_lora_grad_x_usable(const at::Tensor& grad_y, const at::Tensor& weight
 }
 
 at::Tensor lora_gemm_operand(const at::Tensor& t, at::ScalarType dtype, double scale) {
-  const int64_t rank = t.size(1);
   if (scale == 1.0 && t.scalar_type() == dtype && copy_engine_rows(t)) return t;
-  const int64_t pitch = (rank + 7) / 8 * 8;
-  at::Tensor padded = at::empty({t.size(0), pitch}, t.options().dtype(dtype));
-  at::Tensor view = padded.narrow(1, 0, rank);
-  if (scale == 1.0) {
-    view.copy_(t);
-  } else {
-    at::mul_out(view, t, at::scalar_tensor(scale, t.options().dtype(at::kDouble).device(at::kCPU)));
-  }
-  return view;
+  at::Tensor operand = new_lora_gemm_operand(t.size(0), t.size(1), t.options().dtype(dtype));
+  finish_lora_gemm_operand(operand, t, scale, 0);
+  return operand;
 }
 
 at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

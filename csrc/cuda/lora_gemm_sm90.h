@@ -52,5 +52,26 @@ at::Tensor fused_lora_grad_x(const at::Tensor& grad_y, const at::Tensor& weight,
 // padded copy (the padding columns are left unwritten: the kernel's tensor maps stop at r and read zeros past it).
 at::Tensor lora_gemm_operand(const at::Tensor& t, at::ScalarType dtype, double scale = 1.0);
 
+// An unwritten (rows × r) operand in lora_gemm_operand's padded layout, for a kernel that produces the rank-r values
+// to write as well (the shrink's and the dy pass's RoundedCopy), which saves lora_gemm_operand's own kernel.
+inline at::Tensor new_lora_gemm_operand(int64_t rows, int64_t rank, const at::TensorOptions& options) {
+  const int64_t pitch = (rank + 7) / 8 * 8;
+  return at::empty({rows, pitch}, options).narrow(1, 0, rank);
+}
+
+// operand[first_row:] = values[first_row:] · scale, rounded once to operand's dtype: the rows a kernel's RoundedCopy
+// did not write (all of them where another path ran, or a tail). Computed in float32, as those kernels do.
+inline void finish_lora_gemm_operand(at::Tensor& operand, const at::Tensor& values, double scale, int64_t first_row) {
+  const int64_t rows = values.size(0) - first_row;
+  if (rows <= 0) return;
+  at::Tensor target = operand.narrow(0, first_row, rows);
+  const at::Tensor source = values.narrow(0, first_row, rows);
+  if (scale == 1.0) {
+    target.copy_(source);
+  } else {
+    at::mul_out(target, source, at::scalar_tensor(scale, source.options().dtype(at::kDouble).device(at::kCPU)));
+  }
+}
+
 }  // namespace cuda
 }  // namespace lora_ext

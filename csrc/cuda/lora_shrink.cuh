@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <mma.h>
 
+#include "rounded_copy.cuh"
 #include "wmma_tiles.cuh"
 
 namespace lora_ext {
@@ -33,6 +34,7 @@ struct ShrinkParams {
   float alpha;
   const int64_t* dropout_seed;
   uint32_t dropout_threshold;
+  RoundedCopy rounded;  // in X's dtype
 };
 
 namespace shrink_detail {
@@ -170,7 +172,11 @@ __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParam
     float sum = 0.f;
 #pragma unroll
     for (int q = 0; q < kWarps; ++q) sum += partial[q * 16 * RPAD + r * RPAD + j];
-    p.out[(row0 + r) * p.rank + j] = p.alpha * sum;
+    const float value = p.alpha * sum;
+    p.out[(row0 + r) * p.rank + j] = value;
+    if (p.rounded.out != nullptr) {
+      static_cast<T*>(p.rounded.out)[(row0 + r) * p.rounded.pitch + j] = static_cast<T>(value * p.rounded.scale);
+    }
   }
 }
 
@@ -188,10 +194,10 @@ inline bool shrink_wmma_supported(const at::Tensor& x, const at::Tensor& w_rk_vi
   return false;
 }
 
-// out[:full_rows] for the first tokens − tokens % 16 rows; the caller handles the rest.
+// out[:full_rows] (and rounded's rows) for the first tokens − tokens % 16 rows; the caller handles the rest.
 template <typename T, typename TW, bool DROPOUT>
 void launch_shrink_wmma(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk_view, double alpha,
-                        const int64_t* dropout_seed, uint32_t dropout_threshold) {
+                        const int64_t* dropout_seed, uint32_t dropout_threshold, RoundedCopy rounded = {}) {
   ShrinkParams p{};
   p.x = x.data_ptr();
   p.x_stride_t = x.stride(0);
@@ -204,6 +210,7 @@ void launch_shrink_wmma(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   p.alpha = static_cast<float>(alpha);
   p.dropout_seed = dropout_seed;
   p.dropout_threshold = dropout_threshold;
+  p.rounded = rounded;
   const int64_t blocks = x.size(0) / 16;
   LORA_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "lora_ext: too many tokens (", x.size(0), ")");
   const bool k_contiguous = p.w_stride_k == 1;

@@ -44,17 +44,19 @@ inline bool shrink_on_cublas(at::ScalarType x_dtype, int64_t rank, int64_t token
   return x_dtype != at::kFloat && !dropout && rank >= kCublasMinRank && tokens >= kShrinkWmmaMinTokens;
 }
 
-// out (tokens × r, float32, contiguous) = alpha · dropout(x)·w_rkᵀ, where w_rk is a (r × K) view.
+// out (tokens × r, float32, contiguous) = alpha · dropout(x)·w_rkᵀ, where w_rk is a (r × K) view. With `rounded`
+// (x's dtype), the tensor-core kernel also writes its rows of out · rounded.scale there; returns how many leading rows
+// it wrote (0 where another path ran): the caller fills the rest.
 template <typename act_t, typename adapter_t>
-void shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, double alpha, const int64_t* dropout_seed,
-            uint32_t threshold) {
+int64_t shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, double alpha, const int64_t* dropout_seed,
+               uint32_t threshold, RoundedCopy rounded = {}) {
   const int64_t tokens = x.size(0), rank = w_rk.size(0), k = x.size(1);
   const bool dropout = dropout_seed != nullptr;
   if constexpr (!std::is_same_v<act_t, float>) {
     if (shrink_on_cublas(x.scalar_type(), rank, tokens, dropout)) {
       // W rounded to X's type first (a small copy for float32 adapters), as our kernels do when staging it.
       mm_float_out(out, x, w_rk.to(x.scalar_type()).t(), alpha);
-      return;
+      return 0;
     }
     if (rank > kWmmaMaxRank && tokens >= kShrinkWmmaMinTokens) {
       // One pass over x per 64 ranks, each into a contiguous block that is then copied into out's columns:
@@ -65,21 +67,22 @@ void shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, double
         shrink<act_t, adapter_t>(part, x, w_rk.narrow(0, j0, chunk), alpha, dropout_seed, threshold);
         out.narrow(1, j0, chunk).copy_(part);
       }
-      return;
+      return 0;
     }
   }
-  int64_t done = 0;
+  int64_t done = 0, rounded_rows = 0;
   if constexpr (!std::is_same_v<act_t, float>) {
     if (tokens >= kShrinkWmmaMinTokens && shrink_wmma_supported(x, w_rk, rank)) {
       if (dropout) {
-        launch_shrink_wmma<act_t, adapter_t, true>(out, x, w_rk, alpha, dropout_seed, threshold);
+        launch_shrink_wmma<act_t, adapter_t, true>(out, x, w_rk, alpha, dropout_seed, threshold, rounded);
       } else {
-        launch_shrink_wmma<act_t, adapter_t, false>(out, x, w_rk, alpha, nullptr, 0);
+        launch_shrink_wmma<act_t, adapter_t, false>(out, x, w_rk, alpha, nullptr, 0, rounded);
       }
       done = tokens / 16 * 16;
+      if (rounded.out != nullptr) rounded_rows = done;
     }
   }
-  if (done == tokens) return;
+  if (done == tokens) return rounded_rows;
   const at::Tensor x_rest = x.narrow(0, done, tokens - done);
   at::Tensor out_rest = out.narrow(0, done, tokens - done);
   auto run_general = [&](const at::Tensor& w, auto w_tag) {
@@ -99,10 +102,11 @@ void shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, double
       // it when staging, so a token's result does not depend on whether it falls in the last tokens % 16 rows (with
       // float32 W the tail differed from the other rows by ≈ 1e-4, relative).
       run_general(w_rk.to(x.scalar_type()), act_t{});
-      return;
+      return rounded_rows;
     }
   }
   run_general(w_rk, adapter_t{});
+  return rounded_rows;
 }
 
 // c (M × N) += alpha · left·rightᵀ (· keep); left (M × r), right (N × r), any strides.

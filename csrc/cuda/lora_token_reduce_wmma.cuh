@@ -20,6 +20,7 @@
 
 #include "dropout_keep_bytes.cuh"
 #include "lora_token_reduce.cuh"
+#include "rounded_copy.cuh"
 #include "wmma_tiles.cuh"
 
 namespace lora_ext {
@@ -144,11 +145,12 @@ __global__ void __launch_bounds__(128) lora_token_reduce_wmma_kernel(const Token
 // them (in order): one load in flight per thread left the first version waiting on memory (10.5 µs for 4 MB).
 constexpr int kFinalizeColumns = 16;
 constexpr int kFinalizeSplitsInFlight = 8;
-template <typename TOut>
+// TRounded: the dtype of `rounded` (rounded_copy.cuh: row c holds the sums · scale), if one is given.
+template <typename TOut, typename TRounded = TOut>
 __global__ void __launch_bounds__(256)
     finalize_token_reduce_kernel(const float* __restrict__ partials, int64_t splits, int64_t columns,
                                  int64_t columns_padded, int rank, int rpad, TOut* out, int64_t out_stride_c,
-                                 int64_t out_stride_j, bool columns_fastest) {
+                                 int64_t out_stride_j, bool columns_fastest, RoundedCopy rounded = {}) {
   __shared__ float sums[kFinalizeColumns][64 + 1];
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kFinalizeColumns;
   const int width = columns - c0 < kFinalizeColumns ? static_cast<int>(columns - c0) : kFinalizeColumns;
@@ -171,7 +173,12 @@ __global__ void __launch_bounds__(256)
   __syncthreads();
   for (int i = threadIdx.x; i < width * rank; i += blockDim.x) {
     const int c = columns_fastest ? i % width : i / rank, j = columns_fastest ? i / width : i % rank;
-    out[(c0 + c) * out_stride_c + j * out_stride_j] = static_cast<TOut>(sums[c][j]);
+    const TOut value = static_cast<TOut>(sums[c][j]);
+    out[(c0 + c) * out_stride_c + j * out_stride_j] = value;
+    if (rounded.out != nullptr) {
+      static_cast<TRounded*>(rounded.out)[(c0 + c) * rounded.pitch + j] =
+          static_cast<TRounded>(static_cast<float>(value) * rounded.scale);
+    }
   }
 }
 

@@ -79,8 +79,12 @@ __device__ __forceinline__ void store_tile_async(const CUtensorMap* map, const v
                : "memory");
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
-// Waits until this thread's committed stores have finished reading their shared-memory source.
-__device__ __forceinline__ void bulk_wait_source_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// Waits until all but the kPending most recent of this thread's committed store groups have finished reading their
+// shared-memory source.
+template <int kPending = 0>
+__device__ __forceinline__ void bulk_wait_source_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
+}
 // Waits until this thread's committed stores are complete.
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 

@@ -14,8 +14,8 @@
 //   engine fills the columns past r with zeros, so they add nothing.
 // - Persistent: as many clusters as fit walk the tiles (in groups of 16 row tiles, so the tiles in flight share
 //   x's and W's rows in L2); the producer runs ahead into the next tile while the consumers store this one.
-// - Epilogue: + bias in float32, one rounding to x's dtype, written to swizzled staging in shared memory and
-//   stored by the copy engine, so the next tile's MMAs overlap the stores.
+// - Epilogue: + bias in float32 (loaded when the tile starts), one rounding to x's dtype, written by each warp to
+//   swizzled staging in shared memory and stored by the copy engine, so the next tile's MMAs overlap the stores.
 //
 // Built only where setup.py (or CMake) builds an sm_90a target and says so with LORA_EXT_HAS_SM90A (CUDA 12 or
 // newer); otherwise this file compiles to the stubs at its end, and the forward keeps cuBLAS + the expand kernel.
@@ -57,8 +57,8 @@ constexpr int kSharedBytes =
 static_assert(kSharedBytes <= 227 * 1024, "more shared memory than an H100 block may have");
 
 // Where the forward's fused GEMM beats cuBLAS + the expand kernel (H100, bf16, docs/perf-notes.md v8, v11, v13). Our
-// GEMM runs ~8% slower than cuBLAS's, so it wins where the expand it saves (a read and a write of y, ∝ tokens·out)
-// costs more than that (∝ tokens·out·in): up to in ≈ 4800 at r ≤ 16, further at larger ranks, whose expand costs
+// GEMM ran ~8% slower than cuBLAS's when this was measured (~4% since v15's epilogue), so it wins where the expand it
+// saves (a read and a write of y, ∝ tokens·out) costs more than that (∝ tokens·out·in): up to in ≈ 4800 at r ≤ 16, further at larger ranks, whose expand costs
 // more. Measured since the stmatrix epilogue (v11, v13): 8192 × 4096 × 4096 forward 1.149× against 1.218×; 4096
 // tokens 1.218× against 1.237× (GPU 208 against 216 µs), 4096 × 4096 × 11008 1.110× against 1.168×; 2048 tokens a tie
 // (112 against 113 µs), so it starts at 4096. Every measured shape had out ≥ 4096; narrow outputs would waste most of

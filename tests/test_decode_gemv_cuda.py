@@ -4,8 +4,8 @@ a multiple of 8, 16-byte aligned rows, on GPUs with thread-block clusters (compu
 LORA_EXT_DECODE_GEMV=0 turns it off, and everything else takes cuBLAS + the decode kernel (lora_decode.cuh).
 
 The shapes sit on its edges: tokens across the 8-token mma tiles (1, 7, 8, 9, 16; 17 and more take the other path), in across the 32-wide
-chunks and the eight-way K split (8 gives seven warps nothing to do), out across the 16-row blocks and the clusters of
-eight blocks (37, 129, 300, 1000, 2050), ranks across the 16-rank warps (8, 24, 40, 48, 64), and x slices that need more than the 48 KB of shared memory a launch gets unasked. y is rounded once, so it
+chunks and the four-way K split across a cluster's blocks (8 gives three blocks nothing to do), out across the 16-row
+warps and the 128-row clusters of four blocks (37, 129, 300, 1000, 2050), ranks across the 16-rank warps (8, 24, 40, 48, 64), and x slices that need more than the 48 KB of shared memory a launch gets unasked. y is rounded once, so it
 must lie within one rounding of the float64 reference: ‖y − ref‖/‖ref‖ ≤ 2u (u = 2⁻⁸ for bfloat16, 2⁻¹¹ for float16).
 xa is a float32 sum of exact products: within 1e-5. Then against the path it replaces, which must agree within the
 same bound."""

@@ -6,15 +6,18 @@
 // launches and a second trip through ATen's dispatcher on the host. Here W is streamed once, at the bandwidth a
 // GEMV needs, and the rank-r work rides along in warps of their own.
 //
-// Layout. Clusters of 8 blocks; cluster c owns output rows [128c, 128c + 128), and its block b takes the b-th
-// eighth of K for all of them:
-// - the block stages x[:, its eighth of K] in shared memory once (8 KB per token at K = 4096 … an eighth of that);
-// - warps 0–7 each reduce 16 of the 128 rows over that eighth with mma.sync m16n8k16 (W's rows as M, tokens as N,
+// Layout. Clusters of 4 blocks; cluster c owns output rows [128c, 128c + 128), and its block b takes the b-th
+// quarter of K for all of them:
+// - the block stages x[:, its quarter of K] in shared memory once (2 KB per token at K = 4096);
+// - warps 0–7 each reduce 16 of the 128 rows over that quarter with mma.sync m16n8k16 (W's rows as M, tokens as N,
 //   float32 accumulators), streaming W with two batches of 16-byte loads in flight per lane;
-// - warps 8… (one per 16 ranks) reduce A's ranks over the same eighth;
-// - after a cluster barrier, block b sums the 8 partials of rows 128c + 16b … 128c + 16b + 15 and of xa through
+// - warps 8… (one per 16 ranks) reduce A's ranks over the same quarter;
+// - after a cluster barrier, block b sums the 4 partials of rows 128c + 32b … 128c + 32b + 31 and of xa through
 //   distributed shared memory, in cluster order (so every block holds bit-identical xa), adds the bias and
 //   s·xa·Bᵀ (float32 FMAs) and rounds once.
+// Clusters of 8 blocks (an eighth of K each) ran in two waves at out = 4096: 32 clusters, of which an H100 holds 30
+// at once (ncu), so the last two ran alone after the others (23 µs at 16 tokens; docs/perf-notes.md v15). 32 clusters
+// of 4 fit in one.
 // W is read once in all; x once per cluster (from L2); A once per cluster (from L2: 4 MB at out = 4096, r = 16, an
 // eighth of W's bytes). An earlier version that read x from L2 in every warp was L2-bound from 16 tokens on
 // (docs/perf-notes.md v9).
@@ -43,8 +46,9 @@
 namespace lora_ext {
 namespace cuda {
 
-constexpr int kGemvRows = 16;           // output rows per block (one mma M tile)
-constexpr int kGemvKSplit = 8;          // warps splitting K for W; blocks per cluster splitting K for A
+constexpr int kGemvRows = 16;           // output rows per warp (one mma M tile)
+constexpr int kGemvRowWarps = 8;        // warps per block reducing W's rows: a cluster's 128 rows
+constexpr int kGemvClusterBlocks = 4;   // blocks per cluster, each a quarter of K
 constexpr int kGemvMaxTokens = 16;      // two mma N tiles of 8 tokens (from 17 on, two launches measured faster)
 constexpr int kGemvMaxRank = 64;        // four warps of 16 ranks
 // The staged x slice (dynamic shared memory, above the 48 KB a launch gets unasked) is at most this large: 16 tokens
@@ -208,40 +212,42 @@ __device__ __forceinline__ void store_fragment_transposed(float* out, int stride
 // The bytes between consecutive token rows of the staged x slice: an odd multiple of 64, so the eight lanes of
 // each quarter-warp (two rows, four 16-byte columns) read eight different 16-byte bank groups.
 __host__ __device__ inline int gemv_x_stride_bytes(int k) {
-  const int chunks = (k + 31) / 32, slice_chunks = (chunks + kGemvKSplit - 1) / kGemvKSplit;
+  const int chunks = (k + 31) / 32, slice_chunks = (chunks + kGemvClusterBlocks - 1) / kGemvClusterBlocks;
   return 64 * (slice_chunks | 1);
 }
 
-// Launched in clusters of kGemvKSplit blocks along x, (kGemvKSplit + RT) warps each, with NT·8 rows of
+// Launched in clusters of kGemvClusterBlocks blocks along x, (kGemvRowWarps + RT) warps each, with NT·8 rows of
 // gemv_x_stride_bytes(k) of dynamic shared memory (launch_decode_gemv). Cluster c owns output rows
-// [128c, 128c + 128); its block b (cluster rank) takes the b-th eighth of K for all of them (warp w: rows 16w …)
-// and for A's ranks (warps 8 …), then sums the cluster's partials for rows 128c + 16b … and adds the rank-r term.
+// [128c, 128c + 128); its block b (cluster rank) takes the b-th quarter of K for all of them (warp w: rows 16w …)
+// and for A's ranks (warps 8 …), then sums the cluster's partials for rows 128c + 32b … and adds the rank-r term.
 template <typename T, int NT, int RT>
-__global__ void __launch_bounds__((kGemvKSplit + RT) * 32, 2) lora_decode_gemv_kernel(const DecodeGemvParams p) {
+__global__ void __launch_bounds__((kGemvRowWarps + RT) * 32, 2) lora_decode_gemv_kernel(const DecodeGemvParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kTokens = NT * 8;
-  constexpr int kGroupRows = kGemvKSplit * kGemvRows;  // a cluster's rows
+  constexpr int kThreads = (kGemvRowWarps + RT) * 32;
+  constexpr int kGroupRows = kGemvRowWarps * kGemvRows;         // a cluster's rows
+  constexpr int kBlockRows = kGroupRows / kGemvClusterBlocks;  // the rows a block finishes
+  constexpr int kOutputsPerThread = (kTokens * kBlockRows + kThreads - 1) / kThreads;
   // Partials token-major, rows padded by 4: the fragment stores are free of bank conflicts and the reads below
   // (consecutive rows or ranks of one token, across the cluster) at most 2-way. Rows-major partials cost 8–32-way
   // conflicts on every distributed-shared-memory read, and a 32-token, rank-64 call took 133 µs (perf-notes v9).
   constexpr int kWStride = kGroupRows + 4, kAStride = RT * 16 + 4;
-  __shared__ float w_partial[kTokens * kWStride];   // this block's eighth of K, tokens × rows
+  __shared__ float w_partial[kTokens * kWStride];   // this block's quarter of K, tokens × rows
   __shared__ float xa_partial[kTokens * kAStride];  // the same for A's ranks
   __shared__ float activation[kTokens][RT * 16];    // the cluster's sum: xa
-  __shared__ __align__(16) T b_tile[kGemvRows][RT * 16 + 8];  // B's rows for this block's outputs (padded: 2-way)
-  static_assert(kTokens * kGemvRows <= kGemvKSplit * 32, "one output per thread at most");
+  __shared__ __align__(16) T b_tile[kBlockRows][RT * 16 + 8];  // B's rows for this block's outputs (padded: 2-way)
   extern __shared__ __align__(16) char x_tile[];        // x[:, this block's K slice], kTokens rows
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   const int part = static_cast<int>(cluster.block_rank());
   const int warp = threadIdx.x / 32;
-  const int group_row0 = (blockIdx.x / kGemvKSplit) * kGroupRows;
+  const int group_row0 = (blockIdx.x / kGemvClusterBlocks) * kGroupRows;
   const int chunks = (p.k + 31) / 32;
-  const int c_begin = chunks * part / kGemvKSplit, c_end = chunks * (part + 1) / kGemvKSplit;
+  const int c_begin = chunks * part / kGemvClusterBlocks, c_end = chunks * (part + 1) / kGemvClusterBlocks;
   const int x_stride_bytes = gemv_x_stride_bytes(p.k);
 
-  const bool w_warp = warp < kGemvKSplit;
-  const int tile_row0 = w_warp ? group_row0 + warp * kGemvRows : (warp - kGemvKSplit) * 16;
+  const bool w_warp = warp < kGemvRowWarps;
+  const int tile_row0 = w_warp ? group_row0 + warp * kGemvRows : (warp - kGemvRowWarps) * 16;
   const T* rows = w_warp ? static_cast<const T*>(p.weight) + static_cast<int64_t>(tile_row0) * p.w_stride_n
                          : static_cast<const T*>(p.lora_A) + static_cast<int64_t>(tile_row0) * p.a_stride_j;
   const int64_t row_stride = w_warp ? p.w_stride_n : p.a_stride_j;
@@ -251,15 +257,21 @@ __global__ void __launch_bounds__((kGemvKSplit + RT) * 32, 2) lora_decode_gemv_k
   for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
 
   // What the epilogue reads from global memory goes out first, so none of it waits after the cluster barrier:
-  // the thread's bias value (at most one output per thread: tokens ≤ 16) and this block's 16 rows of B.
-  const int out_t = threadIdx.x / kGemvRows, out_r = part * kGemvRows + threadIdx.x % kGemvRows;
-  const int out_row = group_row0 + out_r;
-  const bool has_output = out_t < p.tokens && out_row < p.n;
+  // the thread's bias values (its output i is o = thread + i·threads: token o / 32, row o % 32 of the block's 32)
+  // and this block's 32 rows of B.
   const T* bias = static_cast<const T*>(p.bias);
-  const float bias_value = has_output && bias != nullptr ? static_cast<float>(bias[out_row * p.bias_stride]) : 0.f;
+  float bias_values[kOutputsPerThread];
+#pragma unroll
+  for (int i = 0; i < kOutputsPerThread; ++i) {
+    const int o = threadIdx.x + i * kThreads, out_t = o / kBlockRows;
+    const int out_row = group_row0 + part * kBlockRows + o % kBlockRows;
+    bias_values[i] = out_t < p.tokens && out_row < p.n && bias != nullptr
+                         ? static_cast<float>(bias[static_cast<int64_t>(out_row) * p.bias_stride])
+                         : 0.f;
+  }
   const T* lora_B = static_cast<const T*>(p.lora_B);
-  for (int v = threadIdx.x; v < kGemvRows * (p.rank / 8); v += blockDim.x) {
-    const int r = v / (p.rank / 8), j = v % (p.rank / 8) * 8, row = group_row0 + part * kGemvRows + r;
+  for (int v = threadIdx.x; v < kBlockRows * (p.rank / 8); v += blockDim.x) {
+    const int r = v / (p.rank / 8), j = v % (p.rank / 8) * 8, row = group_row0 + part * kBlockRows + r;
     copy_16_bytes_async(&b_tile[r][j], row < p.n ? lora_B + row * p.b_stride_n + j : lora_B, row < p.n ? 16 : 0);
   }
 
@@ -274,28 +286,33 @@ __global__ void __launch_bounds__((kGemvKSplit + RT) * 32, 2) lora_decode_gemv_k
                                 w_warp ? kWStride : kAStride, acc);
   cluster.sync();  // every block's partials written (release/acquire across the cluster)
 
-  // xa = the 8 partials of x·Aᵀ, summed in cluster order (every block of every cluster gets the same bits).
+  // xa = the 4 partials of x·Aᵀ, summed in cluster order (every block of every cluster gets the same bits).
   for (int i = threadIdx.x; i < p.tokens * p.rank; i += blockDim.x) {
     const int t = i / p.rank, j = i % p.rank;
     float sum = 0.f;
 #pragma unroll
-    for (int b = 0; b < kGemvKSplit; ++b) sum += cluster.map_shared_rank(xa_partial, b)[t * kAStride + j];
+    for (int b = 0; b < kGemvClusterBlocks; ++b) sum += cluster.map_shared_rank(xa_partial, b)[t * kAStride + j];
     activation[t][j] = sum;
     if (blockIdx.x == 0) p.lora_activation[i] = sum;
   }
   __syncthreads();
 
-  // This block's 16 rows of the group: y[t, row] = Σ_b partial_b + b[row] + s · xa[t, :]·B[row, :], rounded once.
-  // Consecutive threads take consecutive rows of one token, so each token's 16 outputs are one 32-byte store.
-  if (has_output) {
+  // This block's 32 rows of the group: y[t, row] = Σ_b partial_b + b[row] + s · xa[t, :]·B[row, :], rounded once.
+  // Consecutive threads take consecutive rows of one token, so each token's 32 outputs are one 64-byte store.
+#pragma unroll
+  for (int i = 0; i < kOutputsPerThread; ++i) {
+    const int o = threadIdx.x + i * kThreads, out_t = o / kBlockRows, r = o % kBlockRows;
+    const int out_r = part * kBlockRows + r, out_row = group_row0 + out_r;
+    if (out_t >= p.tokens || out_row >= p.n) continue;
     float base = 0.f;
 #pragma unroll
-    for (int b = 0; b < kGemvKSplit; ++b) base += cluster.map_shared_rank(w_partial, b)[out_t * kWStride + out_r];
+    for (int b = 0; b < kGemvClusterBlocks; ++b) {
+      base += cluster.map_shared_rank(w_partial, b)[out_t * kWStride + out_r];
+    }
     float update = 0.f;
-    const int r = threadIdx.x % kGemvRows;
     for (int j = 0; j < p.rank; ++j) update = fmaf(activation[out_t][j], static_cast<float>(b_tile[r][j]), update);
     // Pinned roundings (no FMA contraction): the same bits from every build.
-    const float value = __fadd_rn(__fadd_rn(base, bias_value), __fmul_rn(p.scaling, update));
+    const float value = __fadd_rn(__fadd_rn(base, bias_values[i]), __fmul_rn(p.scaling, update));
     static_cast<T*>(p.y)[static_cast<int64_t>(out_t) * p.n + out_row] = T(value);
   }
   cluster.sync();  // no block leaves (freeing its shared memory) while another still reads its partials
@@ -327,7 +344,7 @@ inline bool decode_gemv_shape_supported(const at::Tensor& x, const at::Tensor& w
 
 // Whether this instantiation can be launched with `config` here, preparing it if need be: a device and build with
 // sm_90 code for it, its dynamic shared memory limit raised to what the launch asks (only above the 48 KB a launch
-// gets unasked, and only as far as asked: smaller GPUs allow less), and at least one 8-block cluster resident with
+// gets unasked, and only as far as asked: smaller GPUs allow less), and at least one 4-block cluster resident with
 // that much shared memory (a partitioned GPU may hold none). Remembered per instantiation and device: the largest
 // size prepared, and the smallest refused, so each size costs the queries once. Per instantiation, not per kernel
 // type: all of them share the type void(*)(DecodeGemvParams) and differ in shared memory (found on the H100: a
@@ -396,13 +413,14 @@ void launch_decode_gemv_typed(at::Tensor& y, at::Tensor& lora_activation, const 
     constexpr int NT = decltype(nt_tag)::value;
     constexpr int RT = decltype(rt_tag)::value;
     const auto kernel = lora_decode_gemv_kernel<T, NT, RT>;
-    const unsigned clusters = static_cast<unsigned>((p.n + kGemvKSplit * kGemvRows - 1) / (kGemvKSplit * kGemvRows));
+    constexpr int kGroupRows = kGemvRowWarps * kGemvRows;
+    const unsigned clusters = static_cast<unsigned>((p.n + kGroupRows - 1) / kGroupRows);
     cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(clusters * kGemvKSplit);
-    config.blockDim = dim3((kGemvKSplit + RT) * 32);
+    config.gridDim = dim3(clusters * kGemvClusterBlocks);
+    config.blockDim = dim3((kGemvRowWarps + RT) * 32);
     config.dynamicSmemBytes = static_cast<size_t>(NT * 8) * gemv_x_stride_bytes(p.k);
     config.stream = at::cuda::getCurrentCUDAStream();
-    cudaLaunchAttribute cluster = cluster_along_x(kGemvKSplit);
+    cudaLaunchAttribute cluster = cluster_along_x(kGemvClusterBlocks);
     config.attrs = &cluster;
     config.numAttrs = 1;
     if (!prepare_gemv_launch<T, NT, RT>(config)) return;

@@ -51,8 +51,10 @@ constexpr int kGemvRowWarps = 8;        // warps per block reducing W's rows: a 
 constexpr int kGemvClusterBlocks = 4;   // blocks per cluster, each a quarter of K
 constexpr int kGemvMaxTokens = 16;      // two mma N tiles of 8 tokens (from 17 on, two launches measured faster)
 constexpr int kGemvMaxRank = 64;        // four warps of 16 ranks
-// The staged x slice (dynamic shared memory, above the 48 KB a launch gets unasked) is at most this large: 16 tokens
-// of K up to ≈ 40 000.
+// The staged x slice (dynamic shared memory, above the 48 KB a launch gets unasked) is at most this large: with a
+// quarter of K per block, 16 tokens of K up to ≈ 20 000 (8 tokens: ≈ 40 000). Wider K (e.g. a 70B model's
+// down-projection, K = 28 672, at 9–16 tokens) takes cuBLAS + lora_decode.cuh; with clusters of 8 it fitted twice the
+// K, at the cost of a second wave of clusters at out = 4096 (docs/perf-notes.md v15).
 constexpr int kGemvMaxXTileBytes = 160 * 1024;
 
 struct DecodeGemvParams {

@@ -411,7 +411,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         store_tile<T, false>(acc, tile_bias, staging, &y_map, row0, n0, shape.out, thread);
       }
     }
-    if (thread == 0) bulk_wait_all();  // the last stores are done before the block (and its shared memory) goes
+    // Each warp's first lane committed its warp's stores (store_tile), and bulk groups belong to the thread that
+    // committed them: every one of those lanes waits for its own before the block (and its shared memory) goes.
+    if (thread % 32 == 0) bulk_wait_all();
   }
   cluster_sync();  // no block leaves while its peer may still copy into it or arrive on its barriers
 #else

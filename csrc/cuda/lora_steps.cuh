@@ -28,21 +28,15 @@ constexpr int64_t kShrinkWmmaMinTokens = 512;
 constexpr int64_t kWmmaMaxRank = 64;
 
 // From this rank up, the shrink and the token reduction without dropout go to cuBLAS (16-bit operands, float32
-// accumulation: aten::addmm.dtype), which streams X at these ranks faster than our tensor-core kernels
+// accumulation and output: aten::mm.dtype), which streams X at these ranks faster than our tensor-core kernels
 // (measured on an H100, docs/perf-notes.md v6); the results keep their meaning: float32 sums of 16-bit products,
 // scaled in float32. With dropout, our kernels draw the mask inside the pass instead of materialising it.
 constexpr int64_t kCublasMinRank = 64;
 
-// out (contiguous; float32, or left's 16-bit dtype) = alpha · left·right, 16-bit operands, on cuBLAS: float32
-// accumulation, alpha applied to the float32 sums, one rounding to out's dtype (aten::addmm.dtype with beta = 0, which
-// reads nothing of out). alpha inside the GEMM and a 16-bit out written directly save a scaling kernel and a rounding
-// copy per call (at r = 64: three scalings and copies fewer per step, docs/perf-notes.md v15).
-inline void mm_out_scaled(at::Tensor& out, const at::Tensor& left, const at::Tensor& right, double alpha) {
-  if (out.scalar_type() == left.scalar_type()) {
-    at::addmm_out(out, out, left, right, /*beta=*/0, /*alpha=*/alpha);
-  } else {
-    at::addmm_out(out, out, left, right, out.scalar_type(), /*beta=*/0, /*alpha=*/alpha);
-  }
+// out (rows × r, float32, contiguous) = alpha · left·right, 16-bit operands, on cuBLAS.
+inline void mm_float_out(at::Tensor& out, const at::Tensor& left, const at::Tensor& right, double alpha) {
+  at::mm_out(out, left, right, at::kFloat);
+  if (alpha != 1.0) out.mul_(alpha);
 }
 
 // Whether shrink() hands x·Wᵀ to cuBLAS for these operands (see kCublasMinRank).
@@ -61,7 +55,7 @@ int64_t shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, dou
   if constexpr (!std::is_same_v<act_t, float>) {
     if (shrink_on_cublas(x.scalar_type(), rank, tokens, dropout)) {
       // W rounded to X's type first (a small copy for float32 adapters), as our kernels do when staging it.
-      mm_out_scaled(out, x, w_rk.to(x.scalar_type()).t(), alpha);
+      mm_float_out(out, x, w_rk.to(x.scalar_type()).t(), alpha);
       return 0;
     }
     if (rank > kWmmaMaxRank && tokens >= kShrinkWmmaMinTokens) {
@@ -169,17 +163,15 @@ bool token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tens
     if (!DROPOUT && rank >= kCublasMinRank && matrix.size(0) >= kShrinkWmmaMinTokens) {
       // R rounded to M's type, as our kernels do when staging it (PEFT's bf16 LoRA rounds it too).
       const at::Tensor right_rounded = right.to(matrix.scalar_type());
-      const bool direct_dtype = out.scalar_type() == at::kFloat || out.scalar_type() == matrix.scalar_type();
-      if (direct_dtype && out.is_contiguous()) {
-        mm_out_scaled(out, matrix.t(), right_rounded, alpha);
-      } else if (direct_dtype && out.size(0) > 1 && out.t().is_contiguous()) {
-        // out is the transposed view of a contiguous (r × C) tensor (dA): the product computed as (r × C), written
-        // in place.
-        at::Tensor out_t = out.t();
-        mm_out_scaled(out_t, right_rounded.t(), matrix, alpha);
-      } else {
-        into_float_contiguous(out, [&](at::Tensor& result) { mm_out_scaled(result, matrix.t(), right_rounded, alpha); });
+      if (out.stride(0) == 1 && out.t().is_contiguous() && out.scalar_type() != at::kFloat) {
+        // out is the transposed view of a contiguous (r × C) tensor (dA): the product computed as (r × C), so that
+        // the rounding copy runs along memory instead of transposing (an uncoalesced copy cost 4–5 µs at r = 64).
+        at::Tensor result_t = at::empty({out.size(1), out.size(0)}, out.options().dtype(at::kFloat));
+        mm_float_out(result_t, right_rounded.t(), matrix, alpha);
+        out.t().copy_(result_t);
+        return false;
       }
+      into_float_contiguous(out, [&](at::Tensor& result) { mm_float_out(result, matrix.t(), right_rounded, alpha); });
       return false;
     }
     // Any rank: r % 8 != 0 is read with zeros past r (lora_token_reduce_wmma.cuh), not copied padded.

@@ -17,9 +17,9 @@
 #include "dropout_keep_bytes.cuh"
 #include "lora_dy_pass.cuh"
 #include "lora_gemm_sm90.h"
-#include "rounded_copy.cuh"
 #include "lora_steps.cuh"
 #include "nvtx_range.h"
+#include "rounded_copy.cuh"
 
 namespace lora_ext {
 namespace cuda {
@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   // The fused dx GEMM's rank-r operand (keep_scale·dxa in dy's dtype, lora_gemm_operand's layout).
   at::Tensor scaled_grad_activation =
       fused_grad_x ? new_lora_gemm_operand(dims.tokens, dims.rank, grad_y.options()) : at::Tensor();
-  bool scaled_rows_written = false;
+  bool scaled_operand_written = false;
 
   // The adapters transposed into contiguous copies (r × out and in × r; small): the tensor-core kernels read
   // them 16 bytes at a time along K and along the rank, where the strided views cost them 1.3–2.5× (r = 64).
@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
           rounded = RoundedCopy{scaled_grad_activation.data_ptr(), scaled_grad_activation.stride(0),
                                 static_cast<float>(keep_scale)};
         }
-        scaled_rows_written =
+        scaled_operand_written =
             launch_dy_pass<act_t, adapter_t>(grad_activation, grad_B, grad_y, lora_B, activation, scaling, rounded);
         done = true;
       }
@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   if (fused_grad_x) {
     // keep_scale·dxa rounded once to dy's dtype for the GEMM's K steps, as the forward rounds s·xa (written above by
     // the dy pass where it ran).
-    if (!scaled_rows_written) finish_lora_gemm_operand(scaled_grad_activation, grad_activation, keep_scale, 0);
+    if (!scaled_operand_written) finish_lora_gemm_operand(scaled_grad_activation, grad_activation, keep_scale, 0);
     grad_x = fused_lora_grad_x(grad_y, weight, scaled_grad_activation, lora_gemm_operand(lora_A, grad_y.scalar_type()),
                                keep_bytes);
   }

@@ -16,9 +16,9 @@
 #include "lora_decode.cuh"
 #include "lora_decode_gemv.cuh"
 #include "lora_gemm_sm90.h"
-#include "rounded_copy.cuh"
 #include "lora_steps.cuh"
 #include "nvtx_range.h"
+#include "rounded_copy.cuh"
 
 namespace lora_ext {
 namespace cuda {

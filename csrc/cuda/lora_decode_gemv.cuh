@@ -41,6 +41,7 @@
 
 #include "async_copy.cuh"
 #include "cluster_launch.h"
+#include "mma_sync.cuh"
 #include "wmma_tiles.cuh"
 
 namespace lora_ext {
@@ -49,6 +50,7 @@ namespace cuda {
 constexpr int kGemvRows = 16;           // output rows per warp (one mma M tile)
 constexpr int kGemvRowWarps = 8;        // warps per block reducing W's rows: a cluster's 128 rows
 constexpr int kGemvClusterBlocks = 4;   // blocks per cluster, each a quarter of K
+constexpr int kGemvGroupRows = kGemvRowWarps * kGemvRows;  // a cluster's output rows
 constexpr int kGemvMaxTokens = 16;      // two mma N tiles of 8 tokens (from 17 on, two launches measured faster)
 constexpr int kGemvMaxRank = 64;        // four warps of 16 ranks
 // The staged x slice (dynamic shared memory, above the 48 KB a launch gets unasked) is at most this large: with a
@@ -73,26 +75,6 @@ struct DecodeGemvParams {
   int tokens, k, n, rank;
   float scaling;
 };
-
-// d += a·b for one m16n8k16 tile, 16-bit operands, float32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                             uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    static_assert(std::is_same_v<T, at::Half>, "16-bit operands only");
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-}
 
 // W is read exactly once: stream it past L1 and mark it first to leave L2, so x, A and B stay cached.
 __device__ __forceinline__ uint4 load_streaming(const void* src) { return __ldcs(static_cast<const uint4*>(src)); }
@@ -186,8 +168,8 @@ struct RowTileReducer {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           const uint4 xv = *reinterpret_cast<const uint4*>(x_chunk + (g + 8 * nt) * x_stride_bytes);
-          mma_m16n8k16<T>(acc[nt], lo[u].x, hi[u].x, lo[u].y, hi[u].y, xv.x, xv.y);
-          mma_m16n8k16<T>(acc[nt], lo[u].z, hi[u].z, lo[u].w, hi[u].w, xv.z, xv.w);
+          mma_16x8x16<T>(acc[nt], {lo[u].x, hi[u].x, lo[u].y, hi[u].y}, xv.x, xv.y);
+          mma_16x8x16<T>(acc[nt], {lo[u].z, hi[u].z, lo[u].w, hi[u].w}, xv.z, xv.w);
         }
       }
 #pragma unroll
@@ -227,13 +209,12 @@ __global__ void __launch_bounds__((kGemvRowWarps + RT) * 32, 2) lora_decode_gemv
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kTokens = NT * 8;
   constexpr int kThreads = (kGemvRowWarps + RT) * 32;
-  constexpr int kGroupRows = kGemvRowWarps * kGemvRows;         // a cluster's rows
-  constexpr int kBlockRows = kGroupRows / kGemvClusterBlocks;  // the rows a block finishes
+  constexpr int kBlockRows = kGemvGroupRows / kGemvClusterBlocks;  // the rows a block finishes
   constexpr int kOutputsPerThread = (kTokens * kBlockRows + kThreads - 1) / kThreads;
   // Partials token-major, rows padded by 4: the fragment stores are free of bank conflicts and the reads below
   // (consecutive rows or ranks of one token, across the cluster) at most 2-way. Rows-major partials cost 8–32-way
   // conflicts on every distributed-shared-memory read, and a 32-token, rank-64 call took 133 µs (perf-notes v9).
-  constexpr int kWStride = kGroupRows + 4, kAStride = RT * 16 + 4;
+  constexpr int kWStride = kGemvGroupRows + 4, kAStride = RT * 16 + 4;
   __shared__ float w_partial[kTokens * kWStride];   // this block's quarter of K, tokens × rows
   __shared__ float xa_partial[kTokens * kAStride];  // the same for A's ranks
   __shared__ float activation[kTokens][RT * 16];    // the cluster's sum: xa
@@ -243,7 +224,7 @@ __global__ void __launch_bounds__((kGemvRowWarps + RT) * 32, 2) lora_decode_gemv
   cg::cluster_group cluster = cg::this_cluster();
   const int part = static_cast<int>(cluster.block_rank());
   const int warp = threadIdx.x / 32;
-  const int group_row0 = (blockIdx.x / kGemvClusterBlocks) * kGroupRows;
+  const int group_row0 = (blockIdx.x / kGemvClusterBlocks) * kGemvGroupRows;
   const int chunks = (p.k + 31) / 32;
   const int c_begin = chunks * part / kGemvClusterBlocks, c_end = chunks * (part + 1) / kGemvClusterBlocks;
   const int x_stride_bytes = gemv_x_stride_bytes(p.k);
@@ -415,8 +396,7 @@ void launch_decode_gemv_typed(at::Tensor& y, at::Tensor& lora_activation, const 
     constexpr int NT = decltype(nt_tag)::value;
     constexpr int RT = decltype(rt_tag)::value;
     const auto kernel = lora_decode_gemv_kernel<T, NT, RT>;
-    constexpr int kGroupRows = kGemvRowWarps * kGemvRows;
-    const unsigned clusters = static_cast<unsigned>((p.n + kGroupRows - 1) / kGroupRows);
+    const unsigned clusters = static_cast<unsigned>((p.n + kGemvGroupRows - 1) / kGemvGroupRows);
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(clusters * kGemvClusterBlocks);
     config.blockDim = dim3((kGemvRowWarps + RT) * 32);

@@ -1,4 +1,5 @@
-// Warp-level tensor-core pieces for kernels that stage tiles in shared memory themselves (lora_dy_pass.cuh):
+// Warp-level tensor-core pieces for kernels that stage their operands themselves (lora_dy_pass.cuh,
+// lora_decode_gemv.cuh):
 // ldmatrix loads of four 8 × 8 matrices of 16-bit elements, plain or transposed, and the m16n8k16 MMA with float32
 // accumulators, in the fragment layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16"). sm_80+: callers guard
 // their use with __CUDA_ARCH__.

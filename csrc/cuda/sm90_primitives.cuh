@@ -102,11 +102,6 @@ __device__ __forceinline__ void store_matrices_x4(void* row_address, uint32_t m0
                : "memory");
 }
 
-// A barrier among the `threads` threads (a multiple of 32) that use barrier `id` (1..15; 0 is __syncthreads).
-__device__ __forceinline__ void named_barrier(uint32_t id, uint32_t threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }

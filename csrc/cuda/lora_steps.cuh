@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/version.h>
 
 #include <vector>
 
@@ -33,10 +34,17 @@ constexpr int64_t kWmmaMaxRank = 64;
 // scaled in float32. With dropout, our kernels draw the mask inside the pass instead of materialising it.
 constexpr int64_t kCublasMinRank = 64;
 
-// out (rows × r, float32, contiguous) = alpha · left·right, 16-bit operands, on cuBLAS.
+// out (rows × r, float32, contiguous) = alpha · left·right, 16-bit operands, on cuBLAS. From torch 2.11 (the version
+// this was measured with; 2.8 and 2.9 refuse a float32 `self` here) alpha scales cuBLAS's float32 sums inside the
+// GEMM (aten::addmm.dtype, beta = 0: out is not read), which saves a scaling kernel per call. Float32 output only: a
+// 16-bit output may be split-K-reduced in 16 bits under PyTorch's default reduced-precision reduction setting.
 inline void mm_float_out(at::Tensor& out, const at::Tensor& left, const at::Tensor& right, double alpha) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 11)
+  at::addmm_out(out, out, left, right, at::kFloat, /*beta=*/0, /*alpha=*/alpha);
+#else
   at::mm_out(out, left, right, at::kFloat);
   if (alpha != 1.0) out.mul_(alpha);
+#endif
 }
 
 // Whether shrink() hands x·Wᵀ to cuBLAS for these operands (see kCublasMinRank).

@@ -7,7 +7,8 @@ from torch import nn
 import lora_ext
 from lora_ext.multi_adapter import _multi_lora_forward_composite
 
-from conftest import DEVICES, requires_cuda, assert_bit_identical, assert_rel_close, lora_reference, make_x
+from conftest import (DEVICES, requires_cuda, assert_bit_identical, assert_rel_close, capture_cuda_graph,
+                      lora_reference, make_x)
 
 CPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -840,3 +841,81 @@ def test_bad_slot_ids_are_refused_where_they_enter(device):
     with pytest.raises(ValueError, match="slot ids must be -1"):
         with lora_ext.mixed_adapters(model, good):
             pass
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Prefill on Hopper: the rank-r term inside the fused GEMM for row pairs of one adapter
+
+
+def _fused_gemm_serves():
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and lora_ext.built_with_sm90a())
+
+
+@requires_cuda
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_fused_gemm_prefill_matches_reference(monkeypatch, dtype, bias, ids_dtype):
+    """On Hopper a prefill batch runs as one GEMM (csrc/cuda/lora_gemm_sm90.cu) that adds, per pair of 256 rows, one
+    rank-r term per distinct adapter of the pair (up to 4, each from that adapter's rows of xs, zeros elsewhere);
+    pairs of more adapters get theirs from the tile expand afterwards. LORA_EXT_FUSED_GEMM=force lifts the GEMM's
+    4096-token cutoff; =0 is the cuBLAS + expand path. Both against the float64 per-row reference, pair by pair. A row
+    of a pair of at most 4 adapters comes out bit for bit as when the whole batch uses its adapter (the other
+    adapters' K blocks add exact zeros). The same in a captured CUDA graph, replayed with other ids."""
+    if not _fused_gemm_serves():
+        pytest.skip("the fused GEMM serves only on a Hopper GPU with an sm_90a build")
+    tokens, in_f, out_f = 1356, 520, 264
+    ranks = [8, 16, 16, 8, 8, 16]
+    A, B, s = make_stack(ranks, in_f, out_f, dtype, "cuda")
+    weight, b = make_base(in_f, out_f, dtype, "cuda", bias)
+    x = make_x(tokens, in_f, dtype, "cuda")
+    ids = torch.empty(tokens, dtype=torch.int64)
+    ids[0:256] = 2                                   # one adapter: one K block more in the GEMM
+    ids[256:512] = torch.randint(-1, 6, (256,))      # six adapters and base rows: more than 4, the expand
+    ids[256:263] = torch.tensor([0, 1, 2, 3, 4, 5, -1])
+    ids[512:768] = -1                                # base rows only: nothing
+    ids[768:1024] = torch.tensor([4, 1, 3, 0]).repeat_interleave(64)   # exactly four: four K blocks
+    ids[1024:1280] = torch.tensor([0, -1, 3, 0]).repeat_interleave(64)  # two and base rows
+    ids[1280:] = torch.tensor([5, 0, 1, 2, 3]).repeat_interleave(16)[:tokens - 1280]  # five (partial pair): expand
+    ids = ids.to("cuda", ids_dtype)
+    x64, w64 = x.double().cpu(), weight.double().cpu()
+
+    def reference_for(ids):
+        ref = x64 @ w64.t() + (b.double().cpu() if bias else 0)
+        for a in range(len(ranks)):
+            rows = ids.cpu() == a
+            ref[rows] += float(s[a]) * (x64[rows] @ A[a].double().cpu().t()) @ B[a].double().cpu().t()
+        return ref
+
+    ref = reference_for(ids)
+    monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y = run_op(x, weight, b, A, B, s, ids)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("lora_gemm_sm90" in k for k in kernels) and any("pair_passes" in k for k in kernels), kernels
+    pairs = [(0, 256), (256, 512), (512, 768), (768, 1024), (1024, 1280), (1280, tokens)]
+    for lo, hi in pairs:
+        assert_rel_close(y[lo:hi], ref[lo:hi], dtype, name=f"rows {lo}-{hi}")
+    for a in range(len(ranks)):
+        alone = run_op(x, weight, b, A, B, s, torch.full_like(ids, a))
+        for lo, hi in [(0, 256), (768, 1024), (1024, 1280)]:  # pairs of at most 4 adapters
+            rows = ids[lo:hi] == a
+            assert_bit_identical(y[lo:hi][rows], alone[lo:hi][rows], f"rows of slot {a} in {lo}-{hi}")
+    monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "0")
+    y_unfused = run_op(x, weight, b, A, B, s, ids)
+    for lo, hi in pairs:
+        assert_rel_close(y_unfused[lo:hi], ref[lo:hi], dtype, name=f"rows {lo}-{hi} unfused")
+
+    monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force")
+    captured_ids = ids.clone()
+    graph, y_graph = capture_cuda_graph(lambda: run_op(x, weight, b, A, B, s, captured_ids))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bit_identical(y_graph, y)
+    other_ids = ids.flip(0).contiguous()  # other pairs, other adapters: found again on the device at replay
+    captured_ids.copy_(other_ids)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bit_identical(y_graph, run_op(x, weight, b, A, B, s, other_ids))

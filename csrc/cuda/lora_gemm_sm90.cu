@@ -47,6 +47,7 @@ namespace {
 constexpr int kTileM = 128, kTileN = 256, kTileK = 64, kStages = 4;
 constexpr int kThreads = 384;  // warpgroup 0 produces, 1 and 2 consume
 constexpr int kClusterBlocks = 2;  // blocks of a cluster share (multicast) the W tile
+static_assert(kMultiLoraPairRows == kTileM * kClusterBlocks, "a multi-adapter pair is a cluster's rows");
 constexpr int kTileXBytes = kTileM * kTileK * 2;  // 16 KB
 constexpr int kTileWBytes = kTileN * kTileK * 2;  // 32 KB
 constexpr int kStageBytes = kTileXBytes + kTileWBytes;
@@ -96,7 +97,36 @@ struct GemmShape {
   int lora_k_blocks;    // ⌈r / 64⌉
   int row_pairs;        // ⌈⌈tokens / 128⌉ / 2⌉: a cluster works on two vertically adjacent tiles
   int column_tiles;     // ⌈out / 256⌉
+  // Several adapters (multi_lora.cu, lora_gemm_sm90.h): per pair p of 256 rows (both tiles of a cluster),
+  // pair_passes[p] rank-r terms, each with the B of slot pair_slot_list[p][i] from the stack (slots·out × r) and its
+  // own rows of xs (the pair's rows of other slots zero there); negative: none (the expand adds the pair's terms).
+  // nullptr: one adapter.
+  const int32_t* pair_passes;
+  const int32_t* pair_slot_list;
+  int64_t slot_rows;  // rows of the stack per slot (out)
 };
+
+// The rank-r K blocks of the tile with origin m0 (both blocks of a cluster agree: one pair).
+__device__ __forceinline__ int tile_lora_k_blocks(const GemmShape& s, int m0) {
+  if (s.pair_passes == nullptr) return s.lora_k_blocks;
+  return max(__ldg(s.pair_passes + m0 / kMultiLoraPairRows), 0) * s.lora_k_blocks;
+}
+
+// Where rank-r K block kb (< tile_lora_k_blocks) of the tile with origin m0 reads: xs's row and column, and the
+// row offset of B in the stack.
+__device__ __forceinline__ void lora_k_block_origin(const GemmShape& s, int m0, int kb, int& xs_row, int& k0,
+                                                    int64_t& b_row_offset) {
+  if (s.pair_passes == nullptr) {
+    xs_row = m0;
+    k0 = kb * kTileK;
+    b_row_offset = 0;
+    return;
+  }
+  const int pair = m0 / kMultiLoraPairRows, pass = kb / s.lora_k_blocks;
+  xs_row = (pair * kMultiLoraPairSlots + pass) * kMultiLoraPairRows + m0 % kMultiLoraPairRows;
+  k0 = (kb % s.lora_k_blocks) * kTileK;
+  b_row_offset = static_cast<int64_t>(__ldg(s.pair_slot_list + pair * kMultiLoraPairSlots + pass)) * s.slot_rows;
+}
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 constexpr int kGroupRowTiles = 16;
@@ -287,7 +317,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   cluster_sync();  // the peer's barriers exist before any copy or arrival names them
 
   const int pair_tiles = shape.row_pairs * shape.column_tiles;
-  const int k_blocks = shape.base_k_blocks + shape.lora_k_blocks;
 
   if (warpgroup == 0) {
     release_registers<40>();
@@ -302,6 +331,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         int m0, n0;
         tile_origin(tile, block_rank, shape, m0, n0);
         const int w_row = n0 + static_cast<int>(block_rank) * (kTileN / kClusterBlocks);  // this block's part of W
+        const int lora_k_blocks = tile_lora_k_blocks(shape, m0);
+        const int k_blocks = shape.base_k_blocks + lora_k_blocks;
         for (int kb = 0; kb < k_blocks; ++kb) {
           // The consumers of both blocks have freed this stage (passes at first use): this block's W part
           // lands in the peer's stage too.
@@ -311,12 +342,16 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbarrier_arrive_expect_bytes(&full[stage], kStageBytes);  // whole boxes, zero-filled parts included
           // The rank-r K blocks first: with dropout, the consumers mask that term alone before the base product
           // joins it.
-          const bool base = kb >= shape.lora_k_blocks;
-          const int k0 = (base ? kb - shape.lora_k_blocks : kb) * kTileK;
-          copy_tile_async(x_tile, base ? &x_map : &xs_map, &full[stage], k0, m0);
+          const bool base = kb >= lora_k_blocks;
+          int k0 = (kb - lora_k_blocks) * kTileK, left_row = m0;
+          int64_t b_row_offset = 0;
+          if (!base) lora_k_block_origin(shape, m0, kb, left_row, k0, b_row_offset);
+          copy_tile_async(x_tile, base ? &x_map : &xs_map, &full[stage], k0, left_row);
           const CUtensorMap* right_map = base ? &w_map : &b_map;
           if constexpr (kRight == RightOperand::kKContiguous) {
-            copy_tile_multicast_async(w_part, right_map, &full[stage], k0, w_row, kBothBlocks);
+            // (the stack's rows fit 32 bits: launch_gemm checks)
+            const int right_row = static_cast<int>(w_row + b_row_offset);
+            copy_tile_multicast_async(w_part, right_map, &full[stage], k0, right_row, kBothBlocks);
           } else {
             // This block's 128 columns of the K block as two (64 K rows × 64 columns) boxes, one after the other.
             copy_tile_multicast_async(w_part, right_map, &full[stage], w_row, k0, kBothBlocks);
@@ -345,6 +380,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kDropout) load_keep_bytes(keep, dropout, shape.tokens, m0 + thread_row, n0);
       TileBias tile_bias{};
       if (bias != nullptr) load_tile_bias(tile_bias, bias, n0, shape.out, thread % 32);
+      const int lora_k_blocks = tile_lora_k_blocks(shape, m0);
+      const int k_blocks = shape.base_k_blocks + lora_k_blocks;
       int previous_stage = -1;
       for (int kb = 0; kb < k_blocks; ++kb) {
         mbarrier_wait(&full[stage], phase);
@@ -378,7 +415,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int i = 0; i < 128; ++i) fence_accumulator(acc[i]);
         if constexpr (kDropout) {
-          if (kb == shape.lora_k_blocks - 1) {
+          if (kb == lora_k_blocks - 1) {
             // The rank-r term is complete (its K blocks come first): drop its masked elements before the base
             // product accumulates onto it.
             wgmma_wait<0>();
@@ -574,7 +611,8 @@ bool gemm_usable(const at::Tensor& left, const at::Tensor& weight, int64_t k, in
 template <RightOperand kRight>
 at::Tensor launch_gemm(const at::Tensor& left, const at::Tensor& right, const c10::optional<at::Tensor>& bias,
                        const at::Tensor& left_rank, const at::Tensor& right_rank, int64_t k, int64_t n,
-                       const DropoutMask dropout = DropoutMask{nullptr, 0}) {
+                       const DropoutMask dropout = DropoutMask{nullptr, 0}, const at::Tensor& pair_passes = {},
+                       const at::Tensor& pair_slot_list = {}) {
   const int64_t tokens = left.size(0), rank = left_rank.size(1);
   at::Tensor out = at::empty({tokens, n}, left.options());
   if (tokens == 0) return out;
@@ -598,6 +636,20 @@ at::Tensor launch_gemm(const at::Tensor& left, const at::Tensor& right, const c1
   const int64_t row_tiles = (tokens + kTileM - 1) / kTileM;
   shape.row_pairs = static_cast<int>((row_tiles + kClusterBlocks - 1) / kClusterBlocks);
   shape.column_tiles = static_cast<int>((n + kTileN - 1) / kTileN);
+  shape.pair_passes = nullptr;
+  shape.pair_slot_list = nullptr;
+  shape.slot_rows = n;
+  if (pair_passes.defined()) {
+    const int64_t pairs = (tokens + kMultiLoraPairRows - 1) / kMultiLoraPairRows;
+    TORCH_INTERNAL_ASSERT(k_contiguous && pair_passes.scalar_type() == at::kInt && pair_passes.is_contiguous() &&
+                          pair_passes.numel() == pairs && pair_slot_list.scalar_type() == at::kInt &&
+                          pair_slot_list.is_contiguous() && pair_slot_list.numel() == pairs * kMultiLoraPairSlots &&
+                          left_rank.size(0) == pairs * kMultiLoraPairSlots * kMultiLoraPairRows &&
+                          right_rank.size(0) % n == 0 && right_rank.size(0) <= INT32_MAX &&
+                          left_rank.size(0) <= INT32_MAX);
+    shape.pair_passes = pair_passes.data_ptr<int32_t>();
+    shape.pair_slot_list = pair_slot_list.data_ptr<int32_t>();
+  }
   const int pair_tiles = shape.row_pairs * shape.column_tiles;
   const bool has_bias = bias.has_value() && bias->defined();
   auto launch = [&](auto type_tag, auto dropout_tag) {
@@ -657,6 +709,13 @@ at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const 
   return launch_gemm<RightOperand::kKContiguous>(x, weight, bias, xs, lora_B, x.size(1), weight.size(0));
 }
 
+at::Tensor fused_multi_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                 const at::Tensor& xs_by_pass, const at::Tensor& lora_B_rows,
+                                 const at::Tensor& pair_passes, const at::Tensor& pair_slot_list) {
+  return launch_gemm<RightOperand::kKContiguous>(x, weight, bias, xs_by_pass, lora_B_rows, x.size(1), weight.size(0),
+                                                 DropoutMask{nullptr, 0}, pair_passes, pair_slot_list);
+}
+
 at::Tensor fused_lora_grad_x(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& grad_s,
                              const at::Tensor& lora_A, const at::Tensor& keep_bytes) {
   DropoutMask mask{nullptr, 0};
@@ -687,6 +746,12 @@ at::Tensor lora_gemm_operand(const at::Tensor& t, at::ScalarType, double) { retu
 
 at::Tensor fused_lora_gemm(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
                            const at::Tensor&) {
+  LORA_CHECK(false, "lora_ext: this build has no sm_90a kernels (fused_lora_gemm_usable says so)");
+  return at::Tensor();
+}
+
+at::Tensor fused_multi_lora_gemm(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
   LORA_CHECK(false, "lora_ext: this build has no sm_90a kernels (fused_lora_gemm_usable says so)");
   return at::Tensor();
 }

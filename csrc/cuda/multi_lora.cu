@@ -29,6 +29,7 @@
 #include "../checks.h"
 #include "lora_decode.cuh"
 #include "lora_gemm_launch.cuh"
+#include "lora_gemm_sm90.h"
 #include "multi_lora_gather.cuh"
 #include "multi_lora_tiles.cuh"
 #include "nvtx_range.h"
@@ -198,19 +199,25 @@ void launch_gather(MultiLoraParams p, const at::Tensor& x) {
   });
 }
 
-template <typename T, typename TW, typename IdT>
-void launch_tiles(MultiLoraParams p, const at::Tensor& x) {
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t shrink_tiles = (p.tokens + kTileShrinkRows - 1) / kTileShrinkRows;
+// The tile shrink's split of the in-dimension and its partial sums (splits × tokens × r, float32), set in p.
+at::Tensor tile_shrink_workspace(MultiLoraParams& p, const at::Tensor& x, int64_t shrink_tiles) {
   const int64_t chunks = (p.in + shrink_detail::kTileK - 1) / shrink_detail::kTileK;
   const auto [splits, per_split] = split_in_dimension(shrink_tiles, chunks, shrink_detail::kWarps);
   at::Tensor partial = at::empty({splits, p.tokens, p.rank}, x.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
   p.splits = splits;
   p.split_size = per_split;
+  return partial;
+}
+
+template <typename T, typename TW, typename IdT>
+void launch_tiles(MultiLoraParams p, const at::Tensor& x) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t shrink_tiles = (p.tokens + kTileShrinkRows - 1) / kTileShrinkRows;
+  const at::Tensor partial = tile_shrink_workspace(p, x, shrink_tiles);
   const int64_t row_tiles = (p.tokens + kTileExpandRows - 1) / kTileExpandRows;
   const int64_t column_tiles = (p.out + kTileExpandColumns - 1) / kTileExpandColumns;
-  LORA_CHECK(splits <= 65535 && column_tiles <= 65535, "lora_ext::multi_lora_forward: in_features = ", p.in,
+  LORA_CHECK(p.splits <= 65535 && column_tiles <= 65535, "lora_ext::multi_lora_forward: in_features = ", p.in,
              " or out_features = ", p.out, " is over this kernel's limit");
   dispatch_rank_pad(p.rank, [&](auto rpad_tag) {
     constexpr int RPAD = decltype(rpad_tag)::value;
@@ -221,6 +228,45 @@ void launch_tiles(MultiLoraParams p, const at::Tensor& x) {
         <<<dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(column_tiles)), 128, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// Prefill on Hopper (fused_lora_gemm_usable): the tile shrink; then per 256-row pair its distinct slots and their
+// rank-r operands (multi_lora_pair_passes_kernel); then one GEMM y = x·Wᵀ + b + Σ_passes xs_i·B[slot_i]ᵀ, each pass a
+// K block more (no pass of the expand over y, which cost ≈ a quarter of the base GEMM at 4096 × 4096); last, the tile
+// expand for pairs of more than kMultiLoraPairSlots slots only. Returns y.
+template <typename T, typename IdT>
+at::Tensor launch_tiles_fused(MultiLoraParams p, const at::Tensor& x, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias, const at::Tensor& lora_B_stack) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t shrink_tiles = (p.tokens + kTileShrinkRows - 1) / kTileShrinkRows;
+  const at::Tensor partial = tile_shrink_workspace(p, x, shrink_tiles);
+  const int64_t pairs = (p.tokens + kMultiLoraPairRows - 1) / kMultiLoraPairRows;
+  at::Tensor pair_passes = at::empty({pairs}, x.options().dtype(at::kInt));
+  at::Tensor pair_slot_list = at::empty({pairs, kMultiLoraPairSlots}, x.options().dtype(at::kInt));
+  at::Tensor xs_by_pass = new_lora_gemm_operand(pairs * kMultiLoraPairSlots * kMultiLoraPairRows, p.rank, x.options());
+  const int64_t row_tiles = (p.tokens + kTileExpandRows - 1) / kTileExpandRows;
+  const int64_t column_tiles = (p.out + kTileExpandColumns - 1) / kTileExpandColumns;
+  LORA_CHECK(p.splits <= 65535 && column_tiles <= 65535, "lora_ext::multi_lora_forward: in_features = ", p.in,
+             " or out_features = ", p.out, " is over this kernel's limit");
+  at::Tensor y;
+  dispatch_rank_pad(p.rank, [&](auto rpad_tag) {
+    constexpr int RPAD = decltype(rpad_tag)::value;
+    multi_lora_tile_shrink_kernel<T, T, IdT, RPAD>
+        <<<dim3(static_cast<unsigned>(shrink_tiles), static_cast<unsigned>(p.splits)), 128, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    multi_lora_pair_passes_kernel<T, IdT><<<static_cast<unsigned>(pairs), kMultiLoraPairRows, 0, stream>>>(
+        p, pair_passes.data_ptr<int32_t>(), pair_slot_list.data_ptr<int32_t>(), xs_by_pass.data_ptr<T>(),
+        xs_by_pass.stride(0));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    y = fused_multi_lora_gemm(x, weight, bias, xs_by_pass, lora_B_stack.view({p.adapters * p.out, p.rank}),
+                              pair_passes, pair_slot_list);
+    p.y = y.data_ptr();
+    p.pair_passes = pair_passes.data_ptr<int32_t>();
+    multi_lora_tile_expand_kernel<T, T, IdT, RPAD>
+        <<<dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(column_tiles)), 128, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
 }
 
 template <typename T, typename TW, typename IdT>
@@ -261,14 +307,20 @@ at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight
   const at::Tensor A = lora_A_stack.contiguous(), B = lora_B_stack.contiguous();
   const at::Tensor ids = adapter_ids.contiguous();
   const at::Tensor scale = scalings.to(at::kFloat).contiguous();  // a device op: no sync
-  at::Tensor y = at::linear(x, weight, bias).contiguous();
-  if (d.tokens == 0 || d.max_rank == 0 || d.out_features == 0) return y;  // nothing to add (and no empty grids)
+  const bool sixteen_bit = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  // The fused GEMM (Hopper, prefill): 16-bit adapters in x's dtype, whose stack the copy engine reads as it lies.
+  const bool fused = d.tokens > kGatherMaxTokens && d.in_features > 0 && d.out_features > 0 && d.max_rank > 0 &&
+                     d.max_rank % 8 == 0 && d.max_rank <= 64 && sixteen_bit && A.scalar_type() == x.scalar_type() &&
+                     x_c.stride(0) % 8 == 0 && aligned16(x_c.data_ptr()) && aligned16(A.data_ptr()) &&
+                     aligned16(B.data_ptr()) && d.adapters * d.out_features <= INT32_MAX - 256 && d.tokens <= INT32_MAX / kMultiLoraPairSlots - 256 &&
+                     fused_lora_gemm_usable(x_c, weight, bias, d.max_rank);
+  at::Tensor y = fused ? at::Tensor() : at::linear(x, weight, bias).contiguous();
+  if (!fused && (d.tokens == 0 || d.max_rank == 0 || d.out_features == 0)) return y;  // nothing to add
 
   // 16-byte vectors of x rows, A rows, B rows (of 8 ranks) and y rows.
   const bool vectors = d.in_features > 0 && d.in_features % 8 == 0 && d.out_features % 8 == 0 && d.max_rank <= 64 &&
                        x_c.stride(0) % 8 == 0 && aligned16(x_c.data_ptr()) && aligned16(A.data_ptr()) &&
-                       aligned16(B.data_ptr()) && aligned16(y.data_ptr());
-  const bool sixteen_bit = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+                       aligned16(B.data_ptr()) && (fused || aligned16(y.data_ptr()));
   const bool tiles = vectors && sixteen_bit && d.max_rank % 8 == 0 && d.tokens > kGatherMaxTokens;
 
   MultiLoraParams p{};
@@ -278,7 +330,7 @@ at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight
   p.lora_B = B.data_ptr();
   p.scalings = scale.data_ptr<float>();
   p.ids = ids.data_ptr();
-  p.y = y.data_ptr();
+  p.y = fused ? nullptr : y.data_ptr();
   p.tokens = d.tokens;
   p.in = d.in_features;
   p.out = d.out_features;
@@ -289,6 +341,12 @@ at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight
     using TW = decltype(adapter_tag);
     const auto launch = [&](auto id_tag) {
       using IdT = decltype(id_tag);
+      if constexpr (!std::is_same_v<T, float> && std::is_same_v<T, TW>) {
+        if (fused) {
+          y = launch_tiles_fused<T, IdT>(p, x_c, weight, bias, B);
+          return;
+        }
+      }
       if constexpr (!std::is_same_v<T, float>) {
         if (tiles) return launch_tiles<T, TW, IdT>(p, x_c);
       }

@@ -42,6 +42,9 @@ struct MultiLoraParams {
   int64_t splits;
   int64_t split_size;  // per k-split: 8-vectors of the in-dimension (gather) or 64-wide chunks (tiles)
   bool dependent_launch;  // the cluster kernel was launched as the base GEMM's programmatic dependent
+  // The fused GEMM's row pairs (multi_lora_pair_passes_kernel): the tile expand skips pairs whose terms the GEMM
+  // added.
+  const int32_t* pair_passes;
 };
 
 constexpr int kNoSlot = INT_MAX;

@@ -29,6 +29,7 @@
 #include <mma.h>
 
 #include "lora_expand_wmma.cuh"
+#include "lora_gemm_sm90.h"
 #include "lora_shrink.cuh"
 #include "multi_lora_gather.cuh"
 #include "wmma_tiles.cuh"
@@ -37,6 +38,7 @@ namespace lora_ext {
 namespace cuda {
 
 constexpr int kTileShrinkRows = 16;
+
 constexpr int kTileExpandRows = expand_wmma_detail::kTile;
 constexpr int kTileExpandColumns = expand_wmma_detail::kTile;
 
@@ -186,6 +188,8 @@ __global__ void __launch_bounds__(128) multi_lora_tile_expand_kernel(const Multi
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTile, n0 = static_cast<int64_t>(blockIdx.y) * kTile;
   T* y = static_cast<T*>(p.y);
+  // Rows of a pair whose rank-r terms the fused GEMM added: nothing to do (a tile lies in one pair).
+  if (p.pair_passes != nullptr && p.pair_passes[m0 / kMultiLoraPairRows] >= 0) return;
 
   // 1. This warp's 16 × 64 slice of y, loaded before anything else, even before the tile's ids are known (a tile
   //    of base rows then drops them): each global read that waits for the one before costs the block a round
@@ -315,6 +319,54 @@ __global__ void __launch_bounds__(128) multi_lora_tile_expand_kernel(const Multi
 #pragma unroll
     for (int q = 0; q < 8; ++q) pack.v[q] = T(__fadd_rn(static_cast<float>(pack.v[q]), delta[i][q]));
     *reinterpret_cast<uint4*>(y + row * p.out + col) = pack.bits;
+  }
+}
+
+// The fused GEMM's per-batch inputs (multi_lora.cu, Hopper; lora_gemm_sm90.h), from the tile shrink's partial sums.
+// One block per pair of 256 rows, one thread per row: the pair's distinct slots in increasing order, at most
+// kMultiLoraPairSlots (more: pair_passes = -1, and the expand adds the pair's terms), and for each, the pair's 256
+// rows of xs_by_pass: s[a]·Σ_splits partial[split][t][j] (the splits added in the expand's order) rounded once to T
+// in the rows of slot a, zeros in the others (rows past the last token included).
+template <typename T, typename IdT>
+__global__ void __launch_bounds__(kMultiLoraPairRows)
+    multi_lora_pair_passes_kernel(const MultiLoraParams p, int32_t* pair_passes, int32_t* pair_slot_list,
+                                  T* xs_by_pass, int64_t xs_stride) {
+  __shared__ int candidate;
+  __shared__ int slots[kMultiLoraPairSlots + 1];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMultiLoraPairRows + threadIdx.x;
+  const int a = row < p.tokens ? slot_of<IdT>(p.ids, row, p.adapters) : -1;
+  int count = 0;
+  for (int previous = -1; count <= kMultiLoraPairSlots; ++count) {  // the next smallest slot above `previous`
+    if (threadIdx.x == 0) candidate = INT_MAX;
+    __syncthreads();
+    if (a > previous) atomicMin(&candidate, a);
+    __syncthreads();
+    const int next = candidate;
+    if (next == INT_MAX) break;
+    if (threadIdx.x == 0) slots[count] = next;
+    previous = next;
+    __syncthreads();  // every thread has read candidate before it is reset
+  }
+  __syncthreads();
+  const int passes = count > kMultiLoraPairSlots ? -1 : count;
+  if (threadIdx.x == 0) {
+    pair_passes[blockIdx.x] = passes;
+    for (int i = 0; i < kMultiLoraPairSlots; ++i) {
+      pair_slot_list[blockIdx.x * kMultiLoraPairSlots + i] = i < passes ? slots[i] : 0;
+    }
+  }
+  const float scale = a >= 0 ? p.scalings[a] : 0.f;
+  for (int64_t j = 0; j < p.rank; ++j) {
+    float sum = 0.f;
+    if (a >= 0 && passes > 0) {
+      for (int64_t split = 0; split < p.splits; ++split) sum += p.partial[(split * p.tokens + row) * p.rank + j];
+    }
+    const T value = static_cast<T>(scale * sum), zero = static_cast<T>(0.f);
+    for (int i = 0; i < passes; ++i) {
+      const int64_t out_row = (static_cast<int64_t>(blockIdx.x) * kMultiLoraPairSlots + i) * kMultiLoraPairRows +
+                              threadIdx.x;
+      xs_by_pass[out_row * xs_stride + j] = slots[i] == a ? value : zero;
+    }
   }
 }
 

@@ -35,6 +35,7 @@ __global__ void __launch_bounds__(128) lora_expand_wmma_kernel(const ExpandParam
   using namespace expand_wmma_detail;
   using namespace nvcuda;
   using MmaT = typename WmmaType<T>::type;
+  if constexpr (!WmmaType<T>::kCompiled) __trap();  // never launched there (wmma_dtype_usable)
   static_assert(RPAD % 16 == 0 && RPAD <= kExpandWmmaMaxRank, "RPAD must be 16, 32, 64 or 128");
   constexpr int kPitch = RPAD + 8;
   constexpr size_t kStageBytes = 2 * kTile * kPitch * sizeof(T);
@@ -167,7 +168,7 @@ inline bool columns_loadable(const at::Tensor& t) {
 // layouts (a caller may copy operands it cannot read; that pays only when this holds).
 inline bool expand_wmma_output_supported(const at::Tensor& c, const at::Tensor& left, const at::Tensor& right) {
   const auto dtype = c.scalar_type();
-  if (!(dtype == at::kHalf || dtype == at::kBFloat16)) return false;
+  if (!wmma_dtype_usable(dtype)) return false;
   for (const at::Tensor* t : {&left, &right}) {
     if (t->scalar_type() != dtype && t->scalar_type() != at::kFloat) return false;
   }

@@ -49,6 +49,7 @@ __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParam
   using namespace shrink_detail;
   using namespace nvcuda;
   using MmaT = typename WmmaType<T>::type;
+  if constexpr (!WmmaType<T>::kCompiled) __trap();  // never launched there (wmma_dtype_usable)
   static_assert(RPAD % 16 == 0 && RPAD <= 64, "RPAD must be 16, 32, 48 or 64");
   __shared__ __align__(32) T x_tile[kWarps][16][kPitch];
   __shared__ __align__(32) T w_tile[kWarps][RPAD][kPitch];
@@ -183,7 +184,7 @@ __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParam
 // Whether the tensor-core shrink can take these operands (else the general kernel runs).
 inline bool shrink_wmma_supported(const at::Tensor& x, const at::Tensor& w_rk_view, int64_t rank) {
   const auto dtype = x.scalar_type();
-  if (!(dtype == at::kHalf || dtype == at::kBFloat16)) return false;
+  if (!wmma_dtype_usable(dtype)) return false;
   if (w_rk_view.scalar_type() != dtype && w_rk_view.scalar_type() != at::kFloat) return false;
   if (rank > 64 || x.size(1) % 8 != 0 || x.size(0) < 16) return false;
   if (x.stride(1) != 1 || x.stride(0) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;

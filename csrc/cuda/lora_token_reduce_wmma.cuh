@@ -37,6 +37,7 @@ __global__ void __launch_bounds__(128) lora_token_reduce_wmma_kernel(const Token
   using namespace token_reduce_wmma_detail;
   using namespace nvcuda;
   using MmaT = typename WmmaType<T>::type;
+  if constexpr (!WmmaType<T>::kCompiled) __trap();  // never launched there (wmma_dtype_usable)
   constexpr int kRightPitch = RPAD + 8;
   __shared__ __align__(32) T matrix_tile[kTokens][kPitch];
   __shared__ __align__(32) T right_tile[kTokens][kRightPitch];
@@ -184,7 +185,7 @@ __global__ void __launch_bounds__(256)
 
 inline bool token_reduce_wmma_supported(const at::Tensor& matrix, const at::Tensor& right) {
   const auto dtype = matrix.scalar_type();
-  if (!(dtype == at::kHalf || dtype == at::kBFloat16)) return false;
+  if (!wmma_dtype_usable(dtype)) return false;
   const int64_t rank = right.size(1);
   if (rank > 64 || matrix.size(1) % 8 != 0) return false;
   if (!right.is_contiguous() || !aligned16(right.data_ptr())) return false;

@@ -321,7 +321,7 @@ at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight
   const bool vectors = d.in_features > 0 && d.in_features % 8 == 0 && d.out_features % 8 == 0 && d.max_rank <= 64 &&
                        x_c.stride(0) % 8 == 0 && aligned16(x_c.data_ptr()) && aligned16(A.data_ptr()) &&
                        aligned16(B.data_ptr()) && (fused || aligned16(y.data_ptr()));
-  const bool tiles = vectors && sixteen_bit && d.max_rank % 8 == 0 && d.tokens > kGatherMaxTokens;
+  const bool tiles = vectors && wmma_dtype_usable(x.scalar_type()) && d.max_rank % 8 == 0 && d.tokens > kGatherMaxTokens;
 
   MultiLoraParams p{};
   p.x = x_c.data_ptr();

@@ -47,6 +47,7 @@ __global__ void __launch_bounds__(128) multi_lora_tile_shrink_kernel(const Multi
   using namespace shrink_detail;
   using namespace nvcuda;
   using MmaT = typename WmmaType<T>::type;
+  if constexpr (!WmmaType<T>::kCompiled) __trap();  // never launched there (wmma_dtype_usable)
   static_assert(RPAD % 16 == 0 && RPAD <= 64, "RPAD must be 16, 32, 48 or 64");
   __shared__ __align__(32) T x_tile[kWarps][16][kPitch];
   __shared__ __align__(32) T w_tile[kWarps][RPAD][kPitch];
@@ -179,6 +180,7 @@ __global__ void __launch_bounds__(128) multi_lora_tile_expand_kernel(const Multi
   using namespace expand_wmma_detail;
   using namespace nvcuda;
   using MmaT = typename WmmaType<T>::type;
+  if constexpr (!WmmaType<T>::kCompiled) __trap();  // never launched there (wmma_dtype_usable)
   constexpr int kPitch = RPAD + 8;
   __shared__ __align__(32) T xa_tile[kTile][kPitch];
   __shared__ __align__(32) T b_tile[kTile][kPitch];  // [o][j]: column-major (j × o) for the MMA

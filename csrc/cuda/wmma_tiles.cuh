@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -13,16 +14,32 @@
 namespace lora_ext {
 namespace cuda {
 
+// The WMMA element type of T, and whether this compilation target has its fragments: bfloat16 WMMA exists from sm_80
+// on. Below it (a build for a T4 or a V100 too) the bfloat16 kernels compile against half fragments as a stand-in
+// and trap if ever launched; the host never launches them there (wmma_dtype_usable).
 template <typename T>
 struct WmmaType;
 template <>
 struct WmmaType<at::Half> {
   using type = __half;
+  static constexpr bool kCompiled = true;
 };
 template <>
 struct WmmaType<at::BFloat16> {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  using type = __half;
+  static constexpr bool kCompiled = false;
+#else
   using type = __nv_bfloat16;
+  static constexpr bool kCompiled = true;
+#endif
 };
+
+// Whether the tensor-core kernels may run for x of this dtype on the current GPU (bfloat16 needs sm_80).
+inline bool wmma_dtype_usable(at::ScalarType dtype) {
+  if (dtype == at::kHalf) return true;
+  return dtype == at::kBFloat16 && at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
 
 // Eight elements of T packed in 16 bytes.
 template <typename T>

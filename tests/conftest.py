@@ -18,6 +18,11 @@ requires_cuda = pytest.mark.skipif(
     not CUDA_OK, reason="needs a CUDA device and lora_ext built with CUDA kernels"
 )
 
+def fused_gemm_serves(device="cuda"):
+    """True where this build and GPU take the fused Hopper GEMM path (a Hopper GPU and an sm_90a build)."""
+    return torch.cuda.get_device_capability(device) == (9, 0) and lora_ext.built_with_sm90a()
+
+
 # Every device the extension supports; CUDA is skipped where it cannot run.
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 

@@ -13,18 +13,13 @@ import pytest
 import torch
 
 import lora_ext
-from conftest import (assert_bit_identical, capture_cuda_graph, lora_reference, make_params, make_x, relative_error,
-                      requires_cuda, seed_tensor)
+from conftest import (assert_bit_identical, capture_cuda_graph, fused_gemm_serves, lora_reference, make_params, make_x,
+                      relative_error, requires_cuda, seed_tensor)
 from test_ops import SCALING, _check_backward
 
 pytestmark = requires_cuda
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-def fused_gemm_serves(device):
-    """True where this build and GPU take the fused path (a Hopper GPU and an sm_90a build)."""
-    return torch.cuda.get_device_capability(device) == (9, 0) and lora_ext.built_with_sm90a()
 
 
 # (tokens, in_features, out_features, rank)

@@ -8,7 +8,7 @@ import lora_ext
 from lora_ext.multi_adapter import _multi_lora_forward_composite
 
 from conftest import (DEVICES, requires_cuda, assert_bit_identical, assert_rel_close, capture_cuda_graph,
-                      lora_reference, make_x)
+                      fused_gemm_serves, lora_reference, make_x)
 
 CPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -847,11 +847,6 @@ def test_bad_slot_ids_are_refused_where_they_enter(device):
 # Prefill on Hopper: the rank-r term inside the fused GEMM for row pairs of one adapter
 
 
-def _fused_gemm_serves():
-    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-            and lora_ext.built_with_sm90a())
-
-
 @requires_cuda
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -863,7 +858,7 @@ def test_fused_gemm_prefill_matches_reference(monkeypatch, dtype, bias, ids_dtyp
     4096-token cutoff; =0 is the cuBLAS + expand path. Both against the float64 per-row reference, pair by pair. A row
     of a pair of at most 4 adapters comes out bit for bit as when the whole batch uses its adapter (the other
     adapters' K blocks add exact zeros). The same in a captured CUDA graph, replayed with other ids."""
-    if not _fused_gemm_serves():
+    if not fused_gemm_serves():
         pytest.skip("the fused GEMM serves only on a Hopper GPU with an sm_90a build")
     tokens, in_f, out_f = 1356, 520, 264
     ranks = [8, 16, 16, 8, 8, 16]
@@ -879,16 +874,7 @@ def test_fused_gemm_prefill_matches_reference(monkeypatch, dtype, bias, ids_dtyp
     ids[1024:1280] = torch.tensor([0, -1, 3, 0]).repeat_interleave(64)  # two and base rows
     ids[1280:] = torch.tensor([5, 0, 1, 2, 3]).repeat_interleave(16)[:tokens - 1280]  # five (partial pair): expand
     ids = ids.to("cuda", ids_dtype)
-    x64, w64 = x.double().cpu(), weight.double().cpu()
-
-    def reference_for(ids):
-        ref = x64 @ w64.t() + (b.double().cpu() if bias else 0)
-        for a in range(len(ranks)):
-            rows = ids.cpu() == a
-            ref[rows] += float(s[a]) * (x64[rows] @ A[a].double().cpu().t()) @ B[a].double().cpu().t()
-        return ref
-
-    ref = reference_for(ids)
+    ref = reference_by_slot(x, weight, b, A, B, s, ids)
     monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         y = run_op(x, weight, b, A, B, s, ids)

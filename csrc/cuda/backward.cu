@@ -121,10 +121,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
       if (keep_bytes.defined() && !wrote) launch_dropout_keep_bytes(keep_bytes, dims.in_features, seed, threshold);
     } else if (fused_grad_x && shrink_on_cublas(x.scalar_type(), dims.rank, dims.tokens, /*dropout=*/false)) {
       // dA's product goes to cuBLAS here and takes dxa rounded to x's dtype: exactly the dx GEMM's operand
-      // (keep_scale is 1 without dropout), so it is rounded once for both.
+      // (keep_scale is 1 without dropout, so that operand is dxa itself), so it is rounded once for both.
       finish_lora_gemm_operand(scaled_grad_activation, grad_activation, keep_scale, 0);
       scaled_operand_written = true;
-      token_reduce_step<act_t, false>(grad_A_t, x, scaled_grad_activation, keep_scale);
+      token_reduce_step<act_t, false>(grad_A_t, x, scaled_grad_activation, /*alpha=*/1.0);
     } else {
       token_reduce_step<act_t, false>(grad_A_t, x, grad_activation, keep_scale);
     }

@@ -60,9 +60,9 @@ static_assert(kSharedBytes <= 227 * 1024, "more shared memory than an H100 block
 // Where the forward's fused GEMM beats cuBLAS + the expand kernel (H100, bf16, docs/perf-notes.md v8, v11, v13). Our
 // GEMM ran ~8% slower than cuBLAS's when this was measured (~4% since v15's epilogue), so it wins where the expand it
 // saves (a read and a write of y, ∝ tokens·out) costs more than that (∝ tokens·out·in): up to in ≈ 4800 at r ≤ 16,
-// further at larger ranks, whose expand costs more. Measured since the stmatrix epilogue (v11, v13): 8192 × 4096 × 4096 forward 1.149× against 1.218×; 4096
-// tokens 1.218× against 1.237× (GPU 208 against 216 µs), 4096 × 4096 × 11008 1.110× against 1.168×; 2048 tokens a tie
-// (112 against 113 µs), so it starts at 4096. Every measured shape had out ≥ 4096; narrow outputs would waste most of
+// further at larger ranks, whose expand costs more. Measured since the stmatrix epilogue (v11, v13): 8192 × 4096 ×
+// 4096 forward 1.149× against 1.218×; 4096 tokens 1.218× against 1.237× (GPU 208 against 216 µs), 4096 × 4096 ×
+// 11008 1.110× against 1.168×; 2048 tokens a tie (112 against 113 µs), so it starts at 4096. Every measured shape had out ≥ 4096; narrow outputs would waste most of
 // the 256-wide tiles.
 bool forward_gemm_pays(int64_t tokens, int64_t in_features, int64_t out_features, int64_t rank) {
   return tokens >= 4096 && out_features >= 2048 && in_features <= (rank > 16 ? 6144 : 4096);

@@ -307,20 +307,23 @@ at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight
   const at::Tensor A = lora_A_stack.contiguous(), B = lora_B_stack.contiguous();
   const at::Tensor ids = adapter_ids.contiguous();
   const at::Tensor scale = scalings.to(at::kFloat).contiguous();  // a device op: no sync
+  // 16-byte vectors of x rows, A rows and B rows (of 8 ranks).
+  const bool operand_vectors = d.in_features > 0 && d.in_features % 8 == 0 && d.out_features % 8 == 0 &&
+                               d.max_rank <= 64 && x_c.stride(0) % 8 == 0 && aligned16(x_c.data_ptr()) &&
+                               aligned16(A.data_ptr()) && aligned16(B.data_ptr());
   const bool sixteen_bit = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  // The fused GEMM (Hopper, prefill): 16-bit adapters in x's dtype, whose stack the copy engine reads as it lies.
-  const bool fused = d.tokens > kGatherMaxTokens && d.in_features > 0 && d.out_features > 0 && d.max_rank > 0 &&
-                     d.max_rank % 8 == 0 && d.max_rank <= 64 && sixteen_bit && A.scalar_type() == x.scalar_type() &&
-                     x_c.stride(0) % 8 == 0 && aligned16(x_c.data_ptr()) && aligned16(A.data_ptr()) &&
-                     aligned16(B.data_ptr()) && d.adapters * d.out_features <= INT32_MAX - 256 && d.tokens <= INT32_MAX / kMultiLoraPairSlots - 256 &&
+  // The fused GEMM (Hopper, prefill): 16-bit adapters in x's dtype, whose stack the copy engine reads as it lies,
+  // and row coordinates (B's stack, the operand by pass) that fit its 32-bit tensor-map coordinates.
+  const bool fused = operand_vectors && d.tokens > kGatherMaxTokens && d.out_features > 0 && d.max_rank > 0 &&
+                     d.max_rank % 8 == 0 && sixteen_bit && A.scalar_type() == x.scalar_type() &&
+                     d.adapters * d.out_features <= INT32_MAX - 256 &&
+                     d.tokens <= INT32_MAX / kMultiLoraPairSlots - 256 &&
                      fused_lora_gemm_usable(x_c, weight, bias, d.max_rank);
   at::Tensor y = fused ? at::Tensor() : at::linear(x, weight, bias).contiguous();
   if (!fused && (d.tokens == 0 || d.max_rank == 0 || d.out_features == 0)) return y;  // nothing to add
 
-  // 16-byte vectors of x rows, A rows, B rows (of 8 ranks) and y rows.
-  const bool vectors = d.in_features > 0 && d.in_features % 8 == 0 && d.out_features % 8 == 0 && d.max_rank <= 64 &&
-                       x_c.stride(0) % 8 == 0 && aligned16(x_c.data_ptr()) && aligned16(A.data_ptr()) &&
-                       aligned16(B.data_ptr()) && (fused || aligned16(y.data_ptr()));
+  // And y's rows (the fused GEMM's output is new, so aligned).
+  const bool vectors = operand_vectors && (fused || aligned16(y.data_ptr()));
   const bool tiles = vectors && wmma_dtype_usable(x.scalar_type()) && d.max_rank % 8 == 0 && d.tokens > kGatherMaxTokens;
 
   MultiLoraParams p{};

@@ -38,7 +38,6 @@ namespace lora_ext {
 namespace cuda {
 
 constexpr int kTileShrinkRows = 16;
-
 constexpr int kTileExpandRows = expand_wmma_detail::kTile;
 constexpr int kTileExpandColumns = expand_wmma_detail::kTile;
 

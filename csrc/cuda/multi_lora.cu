@@ -11,7 +11,8 @@
 //           (prefill: runs of tokens sharing an adapter, Punica's SGMV shape);
 //   gather  (multi_lora_gather.cuh) few tokens, or float32 x: per-token shrink split over the in-dimension, and
 //           a per-token expand (decoding, Punica's BGMV shape); on Hopper, up to kGatherMaxTokens tokens, both in
-//           one launch with a cluster of 8 blocks per token, launched as the base GEMM's programmatic dependent;
+//           one launch with a cluster of 8 blocks per token (multi_lora_cluster.cuh), launched as the base GEMM's
+//           programmatic dependent;
 //   general (below) any shape or stride: one block per token for the shrink, a per-token expand.
 // The tiles and gather paths write the shrink's partial sums per k-split and the expand adds them in a fixed
 // order: no atomics, repeated calls give the same bits.
@@ -30,6 +31,7 @@
 #include "lora_decode.cuh"
 #include "lora_gemm_launch.cuh"
 #include "lora_gemm_sm90.h"
+#include "multi_lora_cluster.cuh"
 #include "multi_lora_gather.cuh"
 #include "multi_lora_tiles.cuh"
 #include "nvtx_range.h"

@@ -21,9 +21,7 @@
 #include <cuda_fp16.h>
 
 #include <climits>
-#include <cooperative_groups.h>
 
-#include "async_copy.cuh"
 #include "wmma_tiles.cuh"
 
 namespace lora_ext {
@@ -84,7 +82,11 @@ constexpr int kGatherShrinkThreads = 64;
 constexpr int kGatherExpandThreads = 128;
 constexpr int kGatherExpandColumns = 8 * kGatherExpandThreads;  // output columns per block
 
-// acc[j] += Σ x[t, k]·A[a][j, k] over the 8-vectors v_begin + first, v_begin + first + step, … < v_end.
+// acc[j] += Σ x[t, k]·A[a][j, k] over the 8-vectors v_begin + first, v_begin + first + step, … < v_end. Rows past
+// the rank re-read the last real row (rank ≥ 1), so that no load sits behind a branch: guarded loads (`if (j <
+// rank)`) were compiled either as predicated loads issued together or, after an unrelated change elsewhere, as a
+// branch around each load and its FMAs, one memory round trip after another (docs/perf-notes.md v17). acc[j] for
+// j ≥ rank then holds garbage, and callers sum the ranks below `rank` only.
 template <typename T, typename TW, int RPAD>
 __device__ __forceinline__ void gather_shrink_range(float (&acc)[RPAD], const T* xt, const TW* At, int64_t rank,
                                                     int64_t in, int64_t v_begin, int64_t v_end, int first, int step) {
@@ -93,12 +95,11 @@ __device__ __forceinline__ void gather_shrink_range(float (&acc)[RPAD], const T*
     load8_float(xt + 8 * v, xv);
 #pragma unroll
     for (int j = 0; j < RPAD; ++j) {
-      if (j < rank) {
-        float av[8];
-        load8_float(At + j * in + 8 * v, av);
+      const int64_t row = j < rank ? j : rank - 1;
+      float av[8];
+      load8_float(At + row * in + 8 * v, av);
 #pragma unroll
-        for (int q = 0; q < 8; ++q) acc[j] = fmaf(xv[q], av[q], acc[j]);
-      }
+      for (int q = 0; q < 8; ++q) acc[j] = fmaf(xv[q], av[q], acc[j]);
     }
   }
 }
@@ -135,14 +136,15 @@ __device__ __forceinline__ void gather_expand_8(T* yo, float (&yv)[8], const TW*
   for (int q = 0; q < 8; ++q) {
     acc[q] = 0.f;
     if constexpr (RANK_VECTORS) {
+      // As in gather_shrink_range, no load behind a branch: chunks past the rank re-read the last real one (rank ≥
+      // 8), and a select drops their products.
 #pragma unroll
       for (int j0 = 0; j0 < RPAD; j0 += 8) {
-        if (j0 < rank) {
-          float bv[8];
-          load8_float(Bo + q * rank + j0, bv);
+        const bool real = j0 < rank;
+        float bv[8];
+        load8_float(Bo + q * rank + (real ? j0 : rank - 8), bv);
 #pragma unroll
-          for (int jj = 0; jj < 8; ++jj) acc[q] = fmaf(xa[j0 + jj], bv[jj], acc[q]);
-        }
+        for (int jj = 0; jj < 8; ++jj) acc[q] = real ? fmaf(xa[j0 + jj], bv[jj], acc[q]) : acc[q];
       }
     } else {
       for (int64_t j = 0; j < rank; ++j) acc[q] = fmaf(xa[j], static_cast<float>(Bo[q * rank + j]), acc[q]);
@@ -197,80 +199,6 @@ __global__ void __launch_bounds__(kGatherExpandThreads) multi_lora_gather_expand
   if (o >= p.out) return;
   const TW* Bo = static_cast<const TW*>(p.lora_B) + (static_cast<int64_t>(a) * p.out + o) * p.rank;
   gather_expand_8<T, TW, RPAD, RANK_VECTORS>(yo, yv, Bo, xa, p.rank, p.scalings[a]);
-}
-
-// Decoding on Hopper: both steps in one launch, a cluster of kGatherClusterBlocks blocks per token (as the
-// single-adapter decode kernel, lora_decode.cuh): block b sums its eighth of the in-dimension into x·A[a]ᵀ, the
-// cluster adds the eight partials through distributed shared memory in block order (every block gets the same
-// bits), and block b then updates its eighth of y's columns. One launch and one gap fewer than the two kernels
-// above; A[a] and B[a] are still read once per token, each SM reading an eighth of them.
-constexpr int kGatherClusterBlocks = 8;
-constexpr int kGatherClusterThreads = 128;
-
-// Launched with a cluster dimension of kGatherClusterBlocks along x, grid (kGatherClusterBlocks, tokens).
-template <typename T, typename TW, typename IdT, int RPAD, bool RANK_VECTORS>
-__global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_cluster_kernel(const MultiLoraParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr int kWarps = kGatherClusterThreads / 32;
-  __shared__ float warp_sums[kWarps][RPAD];
-  __shared__ float block_partial[RPAD];
-  __shared__ float xa[RPAD];
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int part = static_cast<int>(cluster.block_rank());
-  const int64_t t = blockIdx.y;
-  const int64_t vectors = p.in / 8, v_begin = vectors * part / kGatherClusterBlocks;
-  const int64_t v_end = vectors * (part + 1) / kGatherClusterBlocks;
-  const T* x_row = static_cast<const T*>(p.x) + t * p.x_stride;
-  const int a = slot_of<IdT>(p.ids, t, p.adapters);
-  if (a < 0) return;  // the whole cluster (one token) leaves together, before any cluster barrier
-
-  const int64_t out_vectors = p.out / 8;
-  const int64_t ov_first = out_vectors * part / kGatherClusterBlocks + threadIdx.x;
-  const int64_t ov_end = out_vectors * (part + 1) / kGatherClusterBlocks;
-  const TW* B_slot = static_cast<const TW*>(p.lora_B) + static_cast<int64_t>(a) * p.out * p.rank;
-  T* y_row = static_cast<T*>(p.y) + t * p.out;
-  float yv[8];
-  // Not a dependent launch: the first of this thread's 8-column groups of y is loaded first, its latency
-  // overlapping the shrink and the reduction.
-  if (!p.dependent_launch && ov_first < ov_end) load8_float(y_row + 8 * ov_first, yv);
-
-  float acc[RPAD];
-#pragma unroll
-  for (int j = 0; j < RPAD; ++j) acc[j] = 0.f;
-  gather_shrink_range<T, TW, RPAD>(acc, x_row, static_cast<const TW*>(p.lora_A) + static_cast<int64_t>(a) * p.rank * p.in,
-                                   p.rank, p.in, v_begin, v_end, threadIdx.x, kGatherClusterThreads);
-
-  // A dependent launch: y (and the scalings) may come from the kernel just ahead (the base GEMM), so they are read
-  // only after it (multi_lora.cu); the first y load then overlaps the reduction alone. The id, x and A[a], read
-  // above, were written before the GEMM started: an ordinary launch (ATen's cuBLAS call) starts only once all
-  // earlier work is done. Were the GEMM itself a programmatic dependent that released its successor before its
-  // own wait, those reads would need to move below this wait too.
-  if (p.dependent_launch) {
-    wait_for_preceding_kernel();
-    if (ov_first < ov_end) load8_float(y_row + 8 * ov_first, yv);
-  }
-  block_sum_ranks<RPAD, kWarps>(acc, warp_sums, block_partial, p.rank);
-  cluster.sync();
-  for (int j = threadIdx.x; j < RPAD; j += kGatherClusterThreads) {
-    float sum = 0.f;
-    if (j < p.rank) {
-#pragma unroll
-      for (int b = 0; b < kGatherClusterBlocks; ++b) sum += cluster.map_shared_rank(block_partial, b)[j];
-    }
-    xa[j] = sum;
-  }
-  cluster.sync();  // xa complete; no block leaves while another still reads its partial
-
-  // This block's eighth of y's columns, 8 consecutive columns per thread.
-  const float s = p.scalings[a];
-  for (int64_t ov = ov_first; ov < ov_end; ov += kGatherClusterThreads) {
-    if (ov != ov_first) load8_float(y_row + 8 * ov, yv);
-    gather_expand_8<T, TW, RPAD, RANK_VECTORS>(y_row + 8 * ov, yv, B_slot + 8 * ov * p.rank, xa, p.rank, s);
-  }
-#elif defined(__CUDA_ARCH__)
-  __trap();  // compiled for an architecture without clusters: the launcher never launches it there
-#endif
 }
 
 }  // namespace cuda

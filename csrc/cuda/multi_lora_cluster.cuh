@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "async_copy.cuh"
+#include "mma_sync.cuh"
 #include "multi_lora_gather.cuh"
 
 namespace lora_ext {
@@ -49,9 +50,80 @@ __device__ __forceinline__ int b_group_pitch(int64_t rank) {
   return static_cast<int>(8 * rank * static_cast<int64_t>(sizeof(TW))) + 16;
 }
 
-// Issues copies of `count` 16-byte pieces from contiguous global memory to shared memory, one per thread in turn.
-__device__ __forceinline__ void stage_contiguous(char* shared, const char* global, int count) {
-  for (int i = threadIdx.x; i < count; i += kGatherClusterThreads) copy_16_bytes_async(shared + 16 * i, global + 16 * i);
+// Issues copies of `rows` rows of `pieces` 16-byte pieces each (row r from src + r·src_row_bytes to dst +
+// r·dst_row_bytes), the block's threads taking the pieces in turn. The (row, piece) of each thread's next copy is
+// stepped without a division per copy.
+__device__ __forceinline__ void stage_rows(char* dst, int64_t dst_row_bytes, const char* src, int64_t src_row_bytes,
+                                           int rows, int pieces) {
+  if (rows <= 0 || pieces <= 0) return;
+  constexpr int kThreads = kGatherClusterThreads;
+  const int step_rows = kThreads / pieces, step_pieces = kThreads % pieces;
+  int row = threadIdx.x / pieces, piece = threadIdx.x % pieces;
+  while (row < rows) {
+    copy_16_bytes_async(dst + row * dst_row_bytes + 16 * piece, src + row * src_row_bytes + 16 * piece);
+    row += step_rows;
+    piece += step_pieces;
+    if (piece >= pieces) piece -= pieces, ++row;
+  }
+}
+
+// 16-bit x and adapters: this warp's share of x·A[a]ᵀ over a staged chunk of n 8-vectors of K, on tensor cores
+// (mma m16n8k16: A's rows as M, 16 ranks per tile; the token as column 0 of N, the other columns zero). Warp w takes
+// the chunk's 32-wide pieces w, w + 4, …; K is permuted inside each piece as in lora_decode_gemv.cuh (lane (g, q)
+// reads 16 contiguous bytes of rows g and g + 8 and of x; both operands use the same order). Products are exact
+// and accumulated in float32, as the FMA path does, in another order.
+template <typename T, int RPAD>
+__device__ __forceinline__ void shrink_chunk_mma(float (&acc)[RPAD / 16][4], const char* a_stage, int64_t a_row_bytes,
+                                                 const char* x_stage, int n, int64_t rank) {
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int c = threadIdx.x / 32; 4 * c < n; c += kGatherClusterThreads / 32) {
+    const int v = 4 * c + q;
+    const bool in_range = v < n;
+    const uint4 xv = g == 0 && in_range ? *reinterpret_cast<const uint4*>(x_stage + 16 * v) : zero;
+#pragma unroll
+    for (int rt = 0; rt < RPAD / 16; ++rt) {
+      const int row = 16 * rt + g;
+      const uint4 lo = in_range && row < rank ? *reinterpret_cast<const uint4*>(a_stage + row * a_row_bytes + 16 * v)
+                                              : zero;
+      const uint4 hi = in_range && row + 8 < rank
+                           ? *reinterpret_cast<const uint4*>(a_stage + (row + 8) * a_row_bytes + 16 * v)
+                           : zero;
+      mma_16x8x16<T>(acc[rt], {lo.x, hi.x, lo.y, hi.y}, xv.x, xv.y);
+      mma_16x8x16<T>(acc[rt], {lo.z, hi.z, lo.w, hi.w}, xv.z, xv.w);
+    }
+  }
+}
+
+// Four consecutive elements as float, and back (8 bytes of 16-bit elements, 16 of float).
+template <typename T>
+__device__ __forceinline__ void load4_float(const T* src, float (&out)[4]) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 v = *reinterpret_cast<const float4*>(src);
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+  } else {
+    union {
+      uint2 bits;
+      T v[4];
+    } pack;
+    pack.bits = *reinterpret_cast<const uint2*>(src);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = static_cast<float>(pack.v[i]);
+  }
+}
+template <typename T>
+__device__ __forceinline__ void store4_float(T* dst, const float (&values)[4]) {
+  if constexpr (std::is_same_v<T, float>) {
+    *reinterpret_cast<float4*>(dst) = make_float4(values[0], values[1], values[2], values[3]);
+  } else {
+    union {
+      uint2 bits;
+      T v[4];
+    } pack;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pack.v[i] = T(values[i]);
+    *reinterpret_cast<uint2*>(dst) = pack.bits;
+  }
 }
 
 }  // namespace cluster_detail
@@ -64,6 +136,9 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   constexpr int kWarps = kGatherClusterThreads / 32;
   constexpr int kAChunk = a_chunk_vectors<TW, RPAD>();
   constexpr int kXVectorBytes = 8 * sizeof(T), kAVectorBytes = 8 * sizeof(TW);
+  constexpr int64_t kARowBytes = int64_t{kAChunk} * kAVectorBytes;
+  // 16-bit x with adapters of its type: the shrink on tensor cores.
+  constexpr bool kMmaShrink = std::is_same_v<T, TW> && !std::is_same_v<T, float>;
   __shared__ __align__(16) char a_stage[kAStageBytes];  // [j][v]: rank rows of kAChunk vectors
   __shared__ __align__(16) char x_stage[kAChunk * kXVectorBytes];
   __shared__ __align__(16) char b_stage[kBStageBytes];  // output groups of 8 columns, b_group_pitch bytes each
@@ -88,25 +163,16 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   T* y_row = static_cast<T*>(p.y) + t * p.out;
   const int b_pitch = b_group_pitch<TW>(p.rank);
   const int b_chunk = kBStageBytes / b_pitch;  // output groups per chunk of B (≥ 11: r = 64, float adapters)
-  const int b_pieces = (b_pitch - 16) / 16;    // 16-byte pieces per group
 
   // Copies x's and A's vectors [v0, v0 + n) into their stages.
   const auto stage_a = [&](int64_t v0, int n) {
-    const int x_pieces = n * kXVectorBytes / 16;
-    stage_contiguous(x_stage, x_row + v0 * kXVectorBytes, x_pieces);
-    const int row_pieces = n * kAVectorBytes / 16;
-    for (int i = threadIdx.x; i < p.rank * row_pieces; i += kGatherClusterThreads) {
-      const int j = i / row_pieces, piece = i % row_pieces;
-      copy_16_bytes_async(a_stage + (j * kAChunk * kAVectorBytes) + 16 * piece,
-                          A_slot + (j * p.in + 8 * v0) * static_cast<int64_t>(sizeof(TW)) + 16 * piece);
-    }
+    stage_rows(x_stage, 0, x_row + v0 * kXVectorBytes, 0, 1, n * kXVectorBytes / 16);
+    stage_rows(a_stage, kARowBytes, A_slot + v0 * kAVectorBytes, p.in * static_cast<int64_t>(sizeof(TW)),
+               static_cast<int>(p.rank), n * kAVectorBytes / 16);
   };
   // Copies B's rows for output groups [g0, g0 + n) into the stage.
   const auto stage_b = [&](int64_t g0, int n) {
-    for (int i = threadIdx.x; i < n * b_pieces; i += kGatherClusterThreads) {
-      const int g = i / b_pieces, piece = i % b_pieces;
-      copy_16_bytes_async(b_stage + g * b_pitch + 16 * piece, B_slot + (g0 + g) * (b_pitch - 16) + 16 * piece);
-    }
+    stage_rows(b_stage, b_pitch, B_slot + g0 * (b_pitch - 16), b_pitch - 16, n, (b_pitch - 16) / 16);
   };
 
   // All of the first chunks at once: x and A for the shrink, B for the expand (none of them written by the GEMM).
@@ -117,11 +183,14 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   copy_async_wait_all();
   __syncthreads();
 
-  // The shrink, chunk by chunk: thread i takes the chunk's vectors i, i + 128, … (16-byte shared reads, consecutive
-  // threads on consecutive vectors: no bank conflicts).
+  // The shrink, chunk by chunk: on tensor cores (kMmaShrink), or by FMAs, thread i taking the chunk's vectors i,
+  // i + 128, … (16-byte shared reads, consecutive threads on consecutive vectors: no bank conflicts).
   float acc[RPAD];
+  float mma_acc[RPAD / 16][4];
 #pragma unroll
   for (int j = 0; j < RPAD; ++j) acc[j] = 0.f;
+#pragma unroll
+  for (int rt = 0; rt < RPAD / 16; ++rt) mma_acc[rt][0] = mma_acc[rt][1] = mma_acc[rt][2] = mma_acc[rt][3] = 0.f;
   for (int64_t v0 = v_begin; v0 < v_end; v0 += kAChunk) {
     const int n = static_cast<int>(std::min<int64_t>(kAChunk, v_end - v0));
     if (v0 != v_begin) {
@@ -130,16 +199,20 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
       copy_async_wait_all();
       __syncthreads();
     }
-    for (int v = threadIdx.x; v < n; v += kGatherClusterThreads) {
-      float xv[8];
-      load8_float(reinterpret_cast<const T*>(x_stage + v * kXVectorBytes), xv);
+    if constexpr (kMmaShrink) {
+      shrink_chunk_mma<T, RPAD>(mma_acc, a_stage, kARowBytes, x_stage, n, p.rank);
+    } else {
+      for (int v = threadIdx.x; v < n; v += kGatherClusterThreads) {
+        float xv[8];
+        load8_float(reinterpret_cast<const T*>(x_stage + v * kXVectorBytes), xv);
 #pragma unroll
-      for (int j = 0; j < RPAD; ++j) {
-        if (j < p.rank) {
-          float av[8];
-          load8_float(reinterpret_cast<const TW*>(a_stage + (j * kAChunk + v) * kAVectorBytes), av);
+        for (int j = 0; j < RPAD; ++j) {
+          if (j < p.rank) {
+            float av[8];
+            load8_float(reinterpret_cast<const TW*>(a_stage + j * kARowBytes + v * kAVectorBytes), av);
 #pragma unroll
-          for (int q = 0; q < 8; ++q) acc[j] = fmaf(xv[q], av[q], acc[j]);
+            for (int q = 0; q < 8; ++q) acc[j] = fmaf(xv[q], av[q], acc[j]);
+          }
         }
       }
     }
@@ -151,12 +224,36 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   // programmatic dependent that released its successor before its own wait, those reads would need to move below
   // this wait too.
   if (p.dependent_launch) wait_for_preceding_kernel();
-  // This thread's first group of y, loaded now so that its latency overlaps the reduction.
-  const int64_t g_first = g_begin + threadIdx.x;
-  float yv[8];
-  if (g_first < g_begin + b_first) load8_float(y_row + 8 * g_first, yv);
 
-  block_sum_ranks<RPAD, kWarps>(acc, warp_sums, block_partial, p.rank);
+  // The expand's items: the two halves (4 columns each) of every output group, halves 0 of all groups first, so that
+  // consecutive threads read consecutive groups of the stage (no bank conflicts). This thread's first item's 4
+  // values of y are loaded now, so that their latency overlaps the reduction.
+  const auto item_columns = [&](int64_t g0, int n, int item) {  // the item's first column of y
+    return 8 * (g0 + (item < n ? item : item - n)) + (item < n ? 0 : 4);
+  };
+  float yv[4];
+  if (threadIdx.x < 2 * b_first) load4_float(y_row + item_columns(g_begin, b_first, threadIdx.x), yv);
+
+  // This block's partial sums of x·A[a]ᵀ, rank by rank, in a fixed order.
+  if constexpr (kMmaShrink) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane % 4 == 0) {  // column 0 of the accumulators (the token): rows g and g + 8 of each rank tile
+#pragma unroll
+      for (int rt = 0; rt < RPAD / 16; ++rt) {
+        warp_sums[warp][16 * rt + lane / 4] = mma_acc[rt][0];
+        warp_sums[warp][16 * rt + lane / 4 + 8] = mma_acc[rt][2];
+      }
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < p.rank; j += kGatherClusterThreads) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][j];
+      block_partial[j] = sum;
+    }
+  } else {
+    block_sum_ranks<RPAD, kWarps>(acc, warp_sums, block_partial, p.rank);
+  }
   cluster.sync();
   for (int j = threadIdx.x; j < RPAD; j += kGatherClusterThreads) {
     float sum = 0.f;
@@ -168,7 +265,7 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   }
   cluster.sync();  // xa complete; no block leaves while another still reads its partial
 
-  // The expand, chunk by chunk of B: thread i updates the chunk's groups i, i + 128, … (8 columns each).
+  // The expand, chunk by chunk of B.
   const float s = p.scalings[a];
   for (int64_t g0 = g_begin; g0 < g_end; g0 += b_chunk) {
     const int n = static_cast<int>(std::min<int64_t>(b_chunk, g_end - g0));
@@ -178,14 +275,17 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
       copy_async_wait_all();
       __syncthreads();
     }
-    for (int g = threadIdx.x; g < n; g += kGatherClusterThreads) {
-      if (g0 + g != g_first) load8_float(y_row + 8 * (g0 + g), yv);
-      const char* group = b_stage + g * b_pitch;
-      float out[8];
+    for (int item = threadIdx.x; item < 2 * n; item += kGatherClusterThreads) {
+      const int64_t column = item_columns(g0, n, item);
+      if (g0 != g_begin || item != threadIdx.x) load4_float(y_row + column, yv);
+      // The item's 4 rows of B: rank elements each, in the group's staged rows.
+      const TW* rows = reinterpret_cast<const TW*>(b_stage + (item < n ? item : item - n) * b_pitch) +
+                       (item < n ? 0 : 4) * p.rank;
+      float out[4];
 #pragma unroll
-      for (int q = 0; q < 8; ++q) {
+      for (int q = 0; q < 4; ++q) {
         float sum = 0.f;
-        const TW* row = reinterpret_cast<const TW*>(group) + q * p.rank;
+        const TW* row = rows + q * p.rank;
         if constexpr (RANK_VECTORS) {
 #pragma unroll
           for (int j0 = 0; j0 < RPAD; j0 += 8) {
@@ -202,7 +302,7 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
         // s·Σ rounded, then added and rounded once into y's dtype, as the CPU kernel does (no FMA contraction).
         out[q] = __fadd_rn(yv[q], __fmul_rn(s, sum));
       }
-      store8_float(y_row + 8 * (g0 + g), out);
+      store4_float(y_row + column, out);
     }
   }
 #elif defined(__CUDA_ARCH__)

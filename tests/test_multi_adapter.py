@@ -643,18 +643,25 @@ def test_cuda_decode_wide_output(ranks):
     ([64, 3], torch.bfloat16, torch.float32, 2056, 1032),         # float adapters: A chunks of 8, B chunks of 11
     ([12, 5], torch.float16, torch.float16, 4616, 2056),          # rank 12: B's rows read element by element
     ([32, 16], torch.float32, torch.float32, 2056, 2056),         # float x: 32-byte vectors of x
-], ids=["r16-A-chunks", "r64-A-and-B-chunks", "r64-float-adapters", "r12-no-vectors", "float32"])
+    ([3, 1], torch.bfloat16, torch.bfloat16, 4616, 8200),         # one 16-byte piece per group, many items per thread
+    ([1], torch.bfloat16, torch.bfloat16, 4616, 8200),            # rank 1
+    ([16, 8], torch.bfloat16, torch.bfloat16, 24, 16),            # blocks with no K and no output columns
+], ids=["r16-A-chunks", "r64-A-and-B-chunks", "r64-float-adapters", "r12-no-vectors", "float32", "r3-wide-out",
+        "r1-wide-out", "tiny-in-out"])
 def test_cuda_decode_staged_chunks(case):
     """Decoding on Hopper stages each block's slice of x, A[a] and B[a] in shared memory, chunk by chunk where a
     slice is larger than its stage (multi_lora_cluster.cuh): shapes with several chunks of A and of B, uneven splits
-    of K and of the output groups across a cluster's blocks, every rank bucket and adapter dtype. Rows match the
-    float64 reference, and bit for bit a batch of their adapter alone."""
+    of K and of the output groups across a cluster's blocks, every rank bucket and adapter dtype, ranks below 8,
+    blocks left without work. (Several items per thread together with several chunks of B: also
+    test_cuda_decode_wide_output.) Rows match the float64 reference, and bit for bit a batch of their adapter alone
+    and a repeated call."""
     ranks, dtype, adapter_dtype, in_f, out_f = case
     torch.manual_seed(7)
     A, B, s = make_stack(ranks, in_f, out_f, dtype, "cuda", adapter_dtype)
     weight, bias = make_base(in_f, out_f, dtype, "cuda")
     x = make_x(7, in_f, dtype, "cuda")
-    ids = torch.tensor([1, -1, 0, len(ranks) - 1, 0, 1, 0], device="cuda")
+    ids = torch.tensor([1, -1, 0, len(ranks) - 1, 0, 1, 0], device="cuda") % (len(ranks) + 1)
+    ids[ids == len(ranks)] = -1
     y = run_op(x, weight, bias, A, B, s, ids)
     assert_rel_close(y, reference_by_slot(x, weight, bias, A, B, s, ids), dtype, adapter_dtype)
     base = torch.nn.functional.linear(x, weight, bias)
@@ -662,6 +669,7 @@ def test_cuda_decode_staged_chunks(case):
     for a in range(len(ranks)):
         alone = run_op(x, weight, bias, A, B, s, torch.full_like(ids, a))
         assert_bit_identical(y[ids == a], alone[ids == a], f"rows of slot {a}")
+    assert_bit_identical(y, run_op(x, weight, bias, A, B, s, ids), "a repeated call")
 
 
 @requires_cuda

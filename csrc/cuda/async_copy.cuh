@@ -30,6 +30,13 @@ __device__ __forceinline__ void copy_async_wait_all() {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 #endif
 }
+// Waits for this thread's committed groups of copies but the kPending most recent ones.
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait_pending() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
 
 // Programmatic dependent launch (sm_90+). A kernel launched with cudaLaunchAttributeProgrammaticStreamSerialization
 // may start before the kernel ahead of it in the stream has finished (once that kernel's blocks have all exited or

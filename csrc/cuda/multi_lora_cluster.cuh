@@ -32,9 +32,13 @@ constexpr int kGatherClusterThreads = 128;
 namespace cluster_detail {
 
 // Static shared memory per block, under the 48 KB a launch gets unasked: A's slice (rank rows × a chunk of 8-vectors
-// of K), x's matching vectors, and B's rows for a chunk of this block's output columns.
+// of K, each row padded by kARowPadding bytes), x's matching vectors, and B's rows for a chunk of this block's output
+// columns.
 constexpr int kAStageBytes = 16 * 1024;
 constexpr int kBStageBytes = 24 * 1024;
+// Rows of A's stage are a multiple of 128 bytes long: padded by 64 bytes, rows g and g + 1 (read by one 8-lane phase
+// of the tensor-core shrink) fall in different halves of the banks.
+constexpr int kARowPadding = 64;
 
 // Vectors of K per chunk of A: the whole eighth at in = 4096 for r ≤ 16 (16-bit adapters).
 template <typename TW, int RPAD>
@@ -42,8 +46,8 @@ constexpr int a_chunk_vectors() {
   return kAStageBytes / (RPAD * 8 * static_cast<int>(sizeof(TW)));
 }
 
-// B's rows for 8 output columns (one thread's 8-vector of y) lie contiguously: 8·rank elements, a multiple of 16
-// bytes. Each such group is staged with 16 bytes of padding, so that consecutive threads' 16-byte reads start in
+// B's rows for one output group of 8 columns lie contiguously: 8·rank elements, a multiple of 16 bytes. Each group
+// is staged with 16 bytes of padding, so that consecutive threads' 16-byte reads (consecutive groups) start in
 // different banks.
 template <typename TW>
 __device__ __forceinline__ int b_group_pitch(int64_t rank) {
@@ -70,11 +74,13 @@ __device__ __forceinline__ void stage_rows(char* dst, int64_t dst_row_bytes, con
 // 16-bit x and adapters: this warp's share of x·A[a]ᵀ over a staged chunk of n 8-vectors of K, on tensor cores
 // (mma m16n8k16: A's rows as M, 16 ranks per tile; the token as column 0 of N, the other columns zero). Warp w takes
 // the chunk's 32-wide pieces w, w + 4, …; K is permuted inside each piece as in lora_decode_gemv.cuh (lane (g, q)
-// reads 16 contiguous bytes of rows g and g + 8 and of x; both operands use the same order). Products are exact
-// and accumulated in float32, as the FMA path does, in another order.
+// reads 16 contiguous bytes of rows g and g + 8 and of x; both operands use the same order). Products are exact,
+// summed in float32 by the tensor cores: deterministic, but not bit for bit the FMA path's sums (nor the two-kernel
+// gather path's, which serves where clusters cannot run).
 template <typename T, int RPAD>
 __device__ __forceinline__ void shrink_chunk_mma(float (&acc)[RPAD / 16][4], const char* a_stage, int64_t a_row_bytes,
                                                  const char* x_stage, int n, int64_t rank) {
+  static_assert(sizeof(T) == 2, "16-byte vectors of 8 elements");
   const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   for (int c = threadIdx.x / 32; 4 * c < n; c += kGatherClusterThreads / 32) {
@@ -136,10 +142,10 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   constexpr int kWarps = kGatherClusterThreads / 32;
   constexpr int kAChunk = a_chunk_vectors<TW, RPAD>();
   constexpr int kXVectorBytes = 8 * sizeof(T), kAVectorBytes = 8 * sizeof(TW);
-  constexpr int64_t kARowBytes = int64_t{kAChunk} * kAVectorBytes;
+  constexpr int64_t kARowBytes = int64_t{kAChunk} * kAVectorBytes + kARowPadding;
   // 16-bit x with adapters of its type: the shrink on tensor cores.
   constexpr bool kMmaShrink = std::is_same_v<T, TW> && !std::is_same_v<T, float>;
-  __shared__ __align__(16) char a_stage[kAStageBytes];  // [j][v]: rank rows of kAChunk vectors
+  __shared__ __align__(16) char a_stage[RPAD * kARowBytes];  // [j][v]: rank rows of kAChunk vectors
   __shared__ __align__(16) char x_stage[kAChunk * kXVectorBytes];
   __shared__ __align__(16) char b_stage[kBStageBytes];  // output groups of 8 columns, b_group_pitch bytes each
   __shared__ float warp_sums[kWarps][RPAD];
@@ -165,7 +171,7 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   const int b_chunk = kBStageBytes / b_pitch;  // output groups per chunk of B (≥ 11: r = 64, float adapters)
 
   // Copies x's and A's vectors [v0, v0 + n) into their stages.
-  const auto stage_a = [&](int64_t v0, int n) {
+  const auto stage_x_and_a = [&](int64_t v0, int n) {
     stage_rows(x_stage, 0, x_row + v0 * kXVectorBytes, 0, 1, n * kXVectorBytes / 16);
     stage_rows(a_stage, kARowBytes, A_slot + v0 * kAVectorBytes, p.in * static_cast<int64_t>(sizeof(TW)),
                static_cast<int>(p.rank), n * kAVectorBytes / 16);
@@ -175,16 +181,20 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
     stage_rows(b_stage, b_pitch, B_slot + g0 * (b_pitch - 16), b_pitch - 16, n, (b_pitch - 16) / 16);
   };
 
-  // All of the first chunks at once: x and A for the shrink, B for the expand (none of them written by the GEMM).
+  // All of the first chunks at once: x and A for the shrink, B for the expand (none of them written by the GEMM),
+  // in two groups, so that the shrink waits for x and A only.
   const int a_first = static_cast<int>(std::min<int64_t>(kAChunk, v_end - v_begin));
   const int b_first = static_cast<int>(std::min<int64_t>(b_chunk, g_end - g_begin));
-  stage_a(v_begin, a_first);
+  stage_x_and_a(v_begin, a_first);
+  copy_async_commit();
   stage_b(g_begin, b_first);
-  copy_async_wait_all();
+  copy_async_commit();
+  copy_async_wait_pending<1>();
   __syncthreads();
 
   // The shrink, chunk by chunk: on tensor cores (kMmaShrink), or by FMAs, thread i taking the chunk's vectors i,
-  // i + 128, … (16-byte shared reads, consecutive threads on consecutive vectors: no bank conflicts).
+  // i + 128, …. (Branches around shared-memory reads cost little here, unlike around global loads, where each one
+  // waits for the round trip before it: multi_lora_gather.cuh.)
   float acc[RPAD];
   float mma_acc[RPAD / 16][4];
 #pragma unroll
@@ -192,17 +202,17 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
 #pragma unroll
   for (int rt = 0; rt < RPAD / 16; ++rt) mma_acc[rt][0] = mma_acc[rt][1] = mma_acc[rt][2] = mma_acc[rt][3] = 0.f;
   for (int64_t v0 = v_begin; v0 < v_end; v0 += kAChunk) {
-    const int n = static_cast<int>(std::min<int64_t>(kAChunk, v_end - v0));
+    const int n_vectors = static_cast<int>(std::min<int64_t>(kAChunk, v_end - v0));
     if (v0 != v_begin) {
       __syncthreads();  // every thread is done with the previous chunk
-      stage_a(v0, n);
+      stage_x_and_a(v0, n_vectors);
       copy_async_wait_all();
       __syncthreads();
     }
     if constexpr (kMmaShrink) {
-      shrink_chunk_mma<T, RPAD>(mma_acc, a_stage, kARowBytes, x_stage, n, p.rank);
+      shrink_chunk_mma<T, RPAD>(mma_acc, a_stage, kARowBytes, x_stage, n_vectors, p.rank);
     } else {
-      for (int v = threadIdx.x; v < n; v += kGatherClusterThreads) {
+      for (int v = threadIdx.x; v < n_vectors; v += kGatherClusterThreads) {
         float xv[8];
         load8_float(reinterpret_cast<const T*>(x_stage + v * kXVectorBytes), xv);
 #pragma unroll
@@ -224,15 +234,19 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   // programmatic dependent that released its successor before its own wait, those reads would need to move below
   // this wait too.
   if (p.dependent_launch) wait_for_preceding_kernel();
+  copy_async_wait_all();  // B's first chunk too, visible to all after the barriers below
 
-  // The expand's items: the two halves (4 columns each) of every output group, halves 0 of all groups first, so that
-  // consecutive threads read consecutive groups of the stage (no bank conflicts). This thread's first item's 4
-  // values of y are loaded now, so that their latency overlaps the reduction.
-  const auto item_columns = [&](int64_t g0, int n, int item) {  // the item's first column of y
-    return 8 * (g0 + (item < n ? item : item - n)) + (item < n ? 0 : 4);
+  // The expand's items: the two halves (4 columns each) of every output group of a chunk of n groups, halves 0 of all
+  // groups first, so that consecutive threads read consecutive groups of the stage (no bank conflicts). This
+  // thread's first item's 4 values of y are loaded now, so that their latency overlaps the reduction.
+  struct Item {
+    int group;  // in the chunk
+    int half;
   };
+  const auto item_of = [](int index, int n) { return index < n ? Item{index, 0} : Item{index - n, 1}; };
+  const auto first_column = [](int64_t g0, Item item) { return 8 * (g0 + item.group) + 4 * item.half; };
   float yv[4];
-  if (threadIdx.x < 2 * b_first) load4_float(y_row + item_columns(g_begin, b_first, threadIdx.x), yv);
+  if (threadIdx.x < 2 * b_first) load4_float(y_row + first_column(g_begin, item_of(threadIdx.x, b_first)), yv);
 
   // This block's partial sums of x·A[a]ᵀ, rank by rank, in a fixed order.
   if constexpr (kMmaShrink) {
@@ -268,19 +282,19 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   // The expand, chunk by chunk of B.
   const float s = p.scalings[a];
   for (int64_t g0 = g_begin; g0 < g_end; g0 += b_chunk) {
-    const int n = static_cast<int>(std::min<int64_t>(b_chunk, g_end - g0));
+    const int n_groups = static_cast<int>(std::min<int64_t>(b_chunk, g_end - g0));
     if (g0 != g_begin) {
       __syncthreads();  // every thread is done with the previous chunk
-      stage_b(g0, n);
+      stage_b(g0, n_groups);
       copy_async_wait_all();
       __syncthreads();
     }
-    for (int item = threadIdx.x; item < 2 * n; item += kGatherClusterThreads) {
-      const int64_t column = item_columns(g0, n, item);
-      if (g0 != g_begin || item != threadIdx.x) load4_float(y_row + column, yv);
+    for (int index = threadIdx.x; index < 2 * n_groups; index += kGatherClusterThreads) {
+      const Item item = item_of(index, n_groups);
+      const int64_t column = first_column(g0, item);
+      if (g0 != g_begin || index != threadIdx.x) load4_float(y_row + column, yv);
       // The item's 4 rows of B: rank elements each, in the group's staged rows.
-      const TW* rows = reinterpret_cast<const TW*>(b_stage + (item < n ? item : item - n) * b_pitch) +
-                       (item < n ? 0 : 4) * p.rank;
+      const TW* rows = reinterpret_cast<const TW*>(b_stage + item.group * b_pitch) + 4 * item.half * p.rank;
       float out[4];
 #pragma unroll
       for (int q = 0; q < 4; ++q) {

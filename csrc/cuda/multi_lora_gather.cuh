@@ -82,11 +82,7 @@ constexpr int kGatherShrinkThreads = 64;
 constexpr int kGatherExpandThreads = 128;
 constexpr int kGatherExpandColumns = 8 * kGatherExpandThreads;  // output columns per block
 
-// acc[j] += Σ x[t, k]·A[a][j, k] over the 8-vectors v_begin + first, v_begin + first + step, … < v_end. Rows past
-// the rank re-read the last real row (rank ≥ 1), so that no load sits behind a branch: guarded loads (`if (j <
-// rank)`) were compiled either as predicated loads issued together or, after an unrelated change elsewhere, as a
-// branch around each load and its FMAs, one memory round trip after another (docs/perf-notes.md v17). acc[j] for
-// j ≥ rank then holds garbage, and callers sum the ranks below `rank` only.
+// acc[j] += Σ x[t, k]·A[a][j, k] over the 8-vectors v_begin + first, v_begin + first + step, … < v_end.
 template <typename T, typename TW, int RPAD>
 __device__ __forceinline__ void gather_shrink_range(float (&acc)[RPAD], const T* xt, const TW* At, int64_t rank,
                                                     int64_t in, int64_t v_begin, int64_t v_end, int first, int step) {
@@ -95,11 +91,12 @@ __device__ __forceinline__ void gather_shrink_range(float (&acc)[RPAD], const T*
     load8_float(xt + 8 * v, xv);
 #pragma unroll
     for (int j = 0; j < RPAD; ++j) {
-      const int64_t row = j < rank ? j : rank - 1;
-      float av[8];
-      load8_float(At + row * in + 8 * v, av);
+      if (j < rank) {
+        float av[8];
+        load8_float(At + j * in + 8 * v, av);
 #pragma unroll
-      for (int q = 0; q < 8; ++q) acc[j] = fmaf(xv[q], av[q], acc[j]);
+        for (int q = 0; q < 8; ++q) acc[j] = fmaf(xv[q], av[q], acc[j]);
+      }
     }
   }
 }
@@ -136,15 +133,14 @@ __device__ __forceinline__ void gather_expand_8(T* yo, float (&yv)[8], const TW*
   for (int q = 0; q < 8; ++q) {
     acc[q] = 0.f;
     if constexpr (RANK_VECTORS) {
-      // As in gather_shrink_range, no load behind a branch: chunks past the rank re-read the last real one (rank ≥
-      // 8), and a select drops their products.
 #pragma unroll
       for (int j0 = 0; j0 < RPAD; j0 += 8) {
-        const bool real = j0 < rank;
-        float bv[8];
-        load8_float(Bo + q * rank + (real ? j0 : rank - 8), bv);
+        if (j0 < rank) {
+          float bv[8];
+          load8_float(Bo + q * rank + j0, bv);
 #pragma unroll
-        for (int jj = 0; jj < 8; ++jj) acc[q] = real ? fmaf(xa[j0 + jj], bv[jj], acc[q]) : acc[q];
+          for (int jj = 0; jj < 8; ++jj) acc[q] = fmaf(xa[j0 + jj], bv[jj], acc[q]);
+        }
       }
     } else {
       for (int64_t j = 0; j < rank; ++j) acc[q] = fmaf(xa[j], static_cast<float>(Bo[q * rank + j]), acc[q]);

@@ -17,8 +17,8 @@ import torch
 from triton.testing import do_bench
 
 import lora_ext
-from bench_multi_adapter import graphed  # this folder is the script's own, first on sys.path
-from kernel_breakdown import profiled
+from kernel_breakdown import profiled  # this folder is the script's own, first on sys.path: import it
+from bench_multi_adapter import graphed  # before bench_multi_adapter, which takes the folder off sys.path
 
 
 def with_path(enabled, function):

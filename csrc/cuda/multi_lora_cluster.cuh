@@ -105,6 +105,74 @@ __device__ __forceinline__ void shrink_chunk_mma(float (&acc)[RPAD / 16][4], con
   }
 }
 
+// The cluster's exchange of partial sums (sm_90): each block pushes its partial into every peer's `partials` with
+// st.async, which completes on the receiving block's mbarrier (bytes counted, as for a bulk copy): no cluster barrier
+// with its GPU-scope fence between the shrink and the expand, and no block waits for another's reads.
+__device__ __forceinline__ uint32_t shared_u32(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+__device__ __forceinline__ void partials_barrier_init(uint64_t* barrier) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n"
+               "fence.mbarrier_init.release.cluster;" ::"r"(shared_u32(barrier))
+               : "memory");
+#endif
+}
+// The cluster barrier split in two: every block arrives once its mbarrier is initialised, and waits before its first
+// st.async into another block.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#endif
+}
+// This thread's arrival on its own block's barrier, announcing `bytes` to come by st.async.
+__device__ __forceinline__ void partials_expect(uint64_t* barrier, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_u32(barrier)), "r"(bytes)
+               : "memory");
+#endif
+}
+// Four floats into `destination` (this block's address of a shared array) of cluster block `rank`, completing on
+// that block's `barrier` (the same offset as this block's).
+__device__ __forceinline__ void push_4_floats(const float* destination, uint64_t* barrier, uint32_t rank,
+                                              const float (&v)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote_data, remote_barrier;\n"
+      "mapa.shared::cluster.u32 remote_data, %0, %2;\n"
+      "mapa.shared::cluster.u32 remote_barrier, %1, %2;\n"
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [remote_data], {%3, %4, %5, %6}, "
+      "[remote_barrier];\n"
+      "}\n" ::"r"(shared_u32(destination)),
+      "r"(shared_u32(barrier)), "r"(rank), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
+      : "memory");
+#endif
+}
+// Acquire at cluster scope: the st.async completions it pairs with are cluster-scope releases from other blocks.
+__device__ __forceinline__ void partials_wait(uint64_t* barrier) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t address = shared_u32(barrier);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred complete;\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 complete, [%1], 0;\n"
+        "selp.u32 %0, 1, 0, complete;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(address)
+        : "memory");
+  } while (!done);
+#endif
+}
+
 // Four consecutive elements as float, and back (8 bytes of 16-bit elements, 16 of float).
 template <typename T>
 __device__ __forceinline__ void load4_float(const T* src, float (&out)[4]) {
@@ -153,7 +221,9 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   __shared__ __align__(16) char x_stage[kAChunk * kXVectorBytes];
   __shared__ __align__(16) char b_stage[kBStageBytes];  // output groups of 8 columns, b_group_pitch bytes each
   __shared__ float warp_sums[kWarps][RPAD];
-  __shared__ float block_partial[RPAD];
+  __shared__ __align__(16) float block_partial[RPAD];
+  __shared__ __align__(16) float partials[kGatherClusterBlocks][RPAD];  // from the peers by st.async; row `part` unused
+  __shared__ __align__(8) uint64_t partials_ready;
   __shared__ float xa[RPAD];
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -161,6 +231,8 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   const int64_t t = blockIdx.y;
   const int a = slot_of<IdT>(p.ids, t, p.adapters);
   if (a < 0) return;  // the whole cluster (one token) leaves together, before any cluster barrier
+  if (threadIdx.x == 0) partials_barrier_init(&partials_ready);
+  cluster_arrive_relaxed();  // waited for only before the first push, after the shrink
 
   // This block's share: 8-vectors [v_begin, v_end) of K, and output groups [g_begin, g_end) of 8 columns.
   const int64_t vectors = p.in / 8, v_begin = vectors * part / kGatherClusterBlocks;
@@ -252,7 +324,7 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   float yv[4];
   if (threadIdx.x < 2 * b_first) load4_float(y_row + first_column(g_begin, item_of(threadIdx.x, b_first)), yv);
 
-  // This block's partial sums of x·A[a]ᵀ, rank by rank, in a fixed order.
+  // This block's partial sums of x·A[a]ᵀ, rank by rank, in a fixed order (zeros past the rank: all RPAD are pushed).
   if constexpr (kMmaShrink) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     if (lane % 4 == 0) {  // column 0 of the accumulators (the token): rows g and g + 8 of each rank tile
@@ -263,25 +335,39 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
       }
     }
     __syncthreads();
-    for (int j = threadIdx.x; j < p.rank; j += kGatherClusterThreads) {
+    for (int j = threadIdx.x; j < RPAD; j += kGatherClusterThreads) {
       float sum = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][j];
-      block_partial[j] = sum;
+      block_partial[j] = j < p.rank ? sum : 0.f;
     }
   } else {
     block_sum_ranks<RPAD, kWarps>(acc, warp_sums, block_partial, p.rank);
+    for (int j = static_cast<int>(p.rank) + threadIdx.x; j < RPAD; j += kGatherClusterThreads) block_partial[j] = 0.f;
   }
-  cluster.sync();
+  __syncthreads();
+
+  // This block's partial into the other blocks' `partials[part]` (its own row stays in block_partial: st.async is
+  // for peers), each block starting with the next rank so that no block is every block's first destination; then,
+  // in every block, the same sum in block order.
+  cluster_wait();  // every block's barrier is initialised
+  constexpr int kVectors = RPAD / 4, kPeers = kGatherClusterBlocks - 1;
+  if (threadIdx.x == 0) partials_expect(&partials_ready, kPeers * RPAD * sizeof(float));
+  for (int i = threadIdx.x; i < kPeers * kVectors; i += kGatherClusterThreads) {
+    const int destination = (part + 1 + i / kVectors) % kGatherClusterBlocks, vector = i % kVectors;
+    float v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = block_partial[4 * vector + e];
+    push_4_floats(&partials[part][4 * vector], &partials_ready, static_cast<uint32_t>(destination), v);
+  }
+  partials_wait(&partials_ready);
   for (int j = threadIdx.x; j < RPAD; j += kGatherClusterThreads) {
     float sum = 0.f;
-    if (j < p.rank) {
 #pragma unroll
-      for (int b = 0; b < kGatherClusterBlocks; ++b) sum += cluster.map_shared_rank(block_partial, b)[j];
-    }
+    for (int b = 0; b < kGatherClusterBlocks; ++b) sum += b == part ? block_partial[j] : partials[b][j];
     xa[j] = sum;
   }
-  cluster.sync();  // xa complete; no block leaves while another still reads its partial
+  __syncthreads();
 
   // The expand, chunk by chunk of B.
   const float s = p.scalings[a];

@@ -27,6 +27,13 @@
 #include "mma_sync.cuh"
 #include "multi_lora_gather.cuh"
 
+// st.async (the cluster's exchange below) is PTX ISA 8.1: a clear message instead of ptxas's where an sm_90 build
+// meets CUDA 12.0.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDACC_VER_MAJOR__) && \
+    (__CUDACC_VER_MAJOR__ < 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ < 1))
+#error "lora_ext: building for sm_90 needs CUDA 12.1 or newer (st.async is PTX ISA 8.1); set TORCH_CUDA_ARCH_LIST without 9.0 or update the toolkit"
+#endif
+
 namespace lora_ext {
 namespace cuda {
 

@@ -1,7 +1,8 @@
 // Multi-adapter decoding on Hopper in one launch (multi_lora.cu, launch_gather_cluster): a cluster of
 // kGatherClusterBlocks blocks per token, as the single-adapter decode kernel (lora_decode.cuh).
 //   block b: xa_b = Σ_{k in the b-th eighth of K} x[t, k]·A[a][:, k]        (a = the token's slot)
-//   cluster: xa = Σ_b xa_b through distributed shared memory, in block order (every block gets the same bits)
+//   cluster: xa = Σ_b xa_b in block order (every block gets the same bits), each block's xa_b stored into its
+//            peers' shared memory by st.async, completing on their mbarriers (cluster_barriers.cuh)
 //   block b: y[t, o] = round(y[t, o] + s[a]·Σ_j xa[j]·B[a][o, j]) for the b-th eighth of y's columns
 // A[a] and B[a] are read once per token, each SM reading an eighth of them.
 //
@@ -24,15 +25,9 @@
 #include <algorithm>
 
 #include "async_copy.cuh"
+#include "cluster_barriers.cuh"
 #include "mma_sync.cuh"
 #include "multi_lora_gather.cuh"
-
-// st.async (the cluster's exchange below) is PTX ISA 8.1: a clear message instead of ptxas's where an sm_90 build
-// meets CUDA 12.0.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDACC_VER_MAJOR__) && \
-    (__CUDACC_VER_MAJOR__ < 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ < 1))
-#error "lora_ext: building for sm_90 needs CUDA 12.1 or newer (st.async is PTX ISA 8.1); set TORCH_CUDA_ARCH_LIST without 9.0 or update the toolkit"
-#endif
 
 namespace lora_ext {
 namespace cuda {
@@ -112,74 +107,6 @@ __device__ __forceinline__ void shrink_chunk_mma(float (&acc)[RPAD / 16][4], con
   }
 }
 
-// The cluster's exchange of partial sums (sm_90): each block pushes its partial into every peer's `partials` with
-// st.async, which completes on the receiving block's mbarrier (bytes counted, as for a bulk copy): no cluster barrier
-// with its GPU-scope fence between the shrink and the expand, and no block waits for another's reads.
-__device__ __forceinline__ uint32_t shared_u32(const void* pointer) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-__device__ __forceinline__ void partials_barrier_init(uint64_t* barrier) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n"
-               "fence.mbarrier_init.release.cluster;" ::"r"(shared_u32(barrier))
-               : "memory");
-#endif
-}
-// The cluster barrier split in two: every block arrives once its mbarrier is initialised, and waits before its first
-// st.async into another block.
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
-#endif
-}
-// This thread's arrival on its own block's barrier, announcing `bytes` to come by st.async.
-__device__ __forceinline__ void partials_expect(uint64_t* barrier, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_u32(barrier)), "r"(bytes)
-               : "memory");
-#endif
-}
-// Four floats into `destination` (this block's address of a shared array) of cluster block `rank`, completing on
-// that block's `barrier` (the same offset as this block's).
-__device__ __forceinline__ void push_4_floats(const float* destination, uint64_t* barrier, uint32_t rank,
-                                              const float (&v)[4]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "{\n"
-      ".reg .b32 remote_data, remote_barrier;\n"
-      "mapa.shared::cluster.u32 remote_data, %0, %2;\n"
-      "mapa.shared::cluster.u32 remote_barrier, %1, %2;\n"
-      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [remote_data], {%3, %4, %5, %6}, "
-      "[remote_barrier];\n"
-      "}\n" ::"r"(shared_u32(destination)),
-      "r"(shared_u32(barrier)), "r"(rank), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
-      : "memory");
-#endif
-}
-// Acquire at cluster scope: the st.async completions it pairs with are cluster-scope releases from other blocks.
-__device__ __forceinline__ void partials_wait(uint64_t* barrier) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t address = shared_u32(barrier);
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n"
-        ".reg .pred complete;\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 complete, [%1], 0;\n"
-        "selp.u32 %0, 1, 0, complete;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(address)
-        : "memory");
-  } while (!done);
-#endif
-}
-
 // Four consecutive elements as float, and back (8 bytes of 16-bit elements, 16 of float).
 template <typename T>
 __device__ __forceinline__ void load4_float(const T* src, float (&out)[4]) {
@@ -238,8 +165,11 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   const int64_t t = blockIdx.y;
   const int a = slot_of<IdT>(p.ids, t, p.adapters);
   if (a < 0) return;  // the whole cluster (one token) leaves together, before any cluster barrier
-  if (threadIdx.x == 0) partials_barrier_init(&partials_ready);
-  cluster_arrive_relaxed();  // waited for only before the first push, after the shrink
+  if (threadIdx.x == 0) {
+    mbarrier_init(&partials_ready, 1);
+    fence_barrier_init();
+  }
+  cluster_arrive_relaxed();  // publishes the init to the peers; waited for only before the first push
 
   // This block's share: 8-vectors [v_begin, v_end) of K, and output groups [g_begin, g_end) of 8 columns.
   const int64_t vectors = p.in / 8, v_begin = vectors * part / kGatherClusterBlocks;
@@ -359,15 +289,15 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   // in every block, the same sum in block order.
   cluster_wait();  // every block's barrier is initialised
   constexpr int kVectors = RPAD / 4, kPeers = kGatherClusterBlocks - 1;
-  if (threadIdx.x == 0) partials_expect(&partials_ready, kPeers * RPAD * sizeof(float));
+  if (threadIdx.x == 0) mbarrier_arrive_expect_bytes(&partials_ready, kPeers * RPAD * sizeof(float));
   for (int i = threadIdx.x; i < kPeers * kVectors; i += kGatherClusterThreads) {
     const int destination = (part + 1 + i / kVectors) % kGatherClusterBlocks, vector = i % kVectors;
     float v[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) v[e] = block_partial[4 * vector + e];
-    push_4_floats(&partials[part][4 * vector], &partials_ready, static_cast<uint32_t>(destination), v);
+    store_4_floats_async(&partials[part][4 * vector], &partials_ready, static_cast<uint32_t>(destination), v);
   }
-  partials_wait(&partials_ready);
+  mbarrier_wait_cluster(&partials_ready, 0);  // every peer's bytes have landed
   for (int j = threadIdx.x; j < RPAD; j += kGatherClusterThreads) {
     float sum = 0.f;
 #pragma unroll

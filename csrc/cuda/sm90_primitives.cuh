@@ -1,5 +1,5 @@
-// Hopper (sm_90a) building blocks for lora_gemm_sm90.cu, as thin inline-PTX wrappers: mbarriers, bulk tensor
-// copies (TMA) that complete on them, and warpgroup MMAs (wgmma) reading both operands from shared memory.
+// Hopper (sm_90a) building blocks for lora_gemm_sm90.cu, as thin inline-PTX wrappers: bulk tensor copies (TMA) that
+// complete on mbarriers (cluster_barriers.cuh), and warpgroup MMAs (wgmma) reading both operands from shared memory.
 // Everything here compiles only into the sm_90a target (__CUDA_ARCH_FEAT_SM90_ALL); other targets see the
 // declarations guarded out, and the host never launches the kernel there (lora_gemm_sm90.h).
 #pragma once
@@ -7,46 +7,20 @@
 #include <cuda.h>
 #include <cstdint>
 
+#include "cluster_barriers.cuh"
+
 namespace lora_ext {
 namespace cuda {
 namespace sm90 {
 
+// The mbarrier primitives every sm_90 kernel shares (cluster_barriers.cuh), under this namespace's names too.
+using lora_ext::cuda::fence_barrier_init;
+using lora_ext::cuda::mbarrier_arrive_expect_bytes;
+using lora_ext::cuda::mbarrier_init;
+using lora_ext::cuda::mbarrier_wait;
+using lora_ext::cuda::shared_address;
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-// --- mbarriers: a producer/consumer handshake per pipeline stage -------------------------------------------
-__device__ __forceinline__ void mbarrier_init(uint64_t* barrier, uint32_t arrivals) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(barrier)), "r"(arrivals));
-}
-
-// Makes the initialised barriers visible to the copy engine before any copy names them.
-__device__ __forceinline__ void fence_barrier_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
-
-// One arrival that also announces `bytes` to come from bulk copies: the phase completes when both happened.
-__device__ __forceinline__ void mbarrier_arrive_expect_bytes(uint64_t* barrier, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(barrier)), "r"(bytes)
-               : "memory");
-}
-
-// Waits until the barrier's phase of the given parity (0 or 1) has completed.
-__device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t parity) {
-  const uint32_t address = shared_address(barrier);
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n"
-        ".reg .pred complete;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, complete;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(address), "r"(parity)
-        : "memory");
-  } while (!done);
-}
 
 // --- bulk tensor copy: a (rows × 64) box of a 2-D tensor into shared memory, 128-byte swizzled ------------------
 // Coordinates are (column, row) of the box's first element; parts of the box outside the tensor arrive as zeros.

@@ -43,33 +43,14 @@ __device__ __forceinline__ void mbarrier_arrive_expect_bytes(uint64_t* barrier, 
 #endif
 }
 
-// Waits until the barrier's phase of the given parity (0 or 1) has completed (acquire at CTA scope: for what this
-// block's threads and the copy engine wrote).
-__device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t address = shared_address(barrier);
+// One test of the barrier's phase of the given parity (0 or 1): true once it has completed. Acquires at CTA scope
+// (what this block's threads and the copy engine wrote), or with kCluster at cluster scope (data other blocks of
+// the cluster stored with st.async, whose completion on the barrier is a cluster-scope release).
+template <bool kCluster>
+__device__ __forceinline__ bool mbarrier_try_wait(uint32_t address, uint32_t parity) {
   uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n"
-        ".reg .pred complete;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, complete;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(address), "r"(parity)
-        : "memory");
-  } while (!done);
-#endif
-}
-
-// The same, acquiring at cluster scope: for data other blocks of the cluster stored with st.async (whose completion
-// on the barrier is a cluster-scope release).
-__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* barrier, uint32_t parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t address = shared_address(barrier);
-  uint32_t done = 0;
-  do {
+  if constexpr (kCluster) {
     asm volatile(
         "{\n"
         ".reg .pred complete;\n"
@@ -79,8 +60,33 @@ __device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* barrier, uint32_
         : "=r"(done)
         : "r"(address), "r"(parity)
         : "memory");
-  } while (!done);
+  } else {
+    asm volatile(
+        "{\n"
+        ".reg .pred complete;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, complete;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(address), "r"(parity)
+        : "memory");
+  }
 #endif
+  return done != 0;
+}
+
+// Waits until the barrier's phase of the given parity has completed (CTA-scope acquire).
+__device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t parity) {
+  const uint32_t address = shared_address(barrier);
+  while (!mbarrier_try_wait<false>(address, parity)) {
+  }
+}
+
+// The same, acquiring at cluster scope: for the peers' st.async stores.
+__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* barrier, uint32_t parity) {
+  const uint32_t address = shared_address(barrier);
+  while (!mbarrier_try_wait<true>(address, parity)) {
+  }
 }
 
 // --- the cluster barrier, split in two (arrive early, wait late) --------------------------------------------------

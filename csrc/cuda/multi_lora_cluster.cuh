@@ -155,8 +155,8 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   __shared__ __align__(16) char x_stage[kAChunk * kXVectorBytes];
   __shared__ __align__(16) char b_stage[kBStageBytes];  // output groups of 8 columns, b_group_pitch bytes each
   __shared__ float warp_sums[kWarps][RPAD];
-  __shared__ __align__(16) float block_partial[RPAD];
-  __shared__ __align__(16) float partials[kGatherClusterBlocks][RPAD];  // from the peers by st.async; row `part` unused
+  // Every block's partial sums, row b from block b: this block's own row written here, the peers' by st.async.
+  __shared__ __align__(16) float partials[kGatherClusterBlocks][RPAD];
   __shared__ __align__(8) uint64_t partials_ready;
   __shared__ float xa[RPAD];
   namespace cg = cooperative_groups;
@@ -276,17 +276,17 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
       float sum = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][j];
-      block_partial[j] = j < p.rank ? sum : 0.f;
+      partials[part][j] = j < p.rank ? sum : 0.f;
     }
   } else {
-    block_sum_ranks<RPAD, kWarps>(acc, warp_sums, block_partial, p.rank);
-    for (int j = static_cast<int>(p.rank) + threadIdx.x; j < RPAD; j += kGatherClusterThreads) block_partial[j] = 0.f;
+    block_sum_ranks<RPAD, kWarps>(acc, warp_sums, partials[part], p.rank);
+    for (int j = static_cast<int>(p.rank) + threadIdx.x; j < RPAD; j += kGatherClusterThreads) partials[part][j] = 0.f;
   }
   __syncthreads();
 
-  // This block's partial into the other blocks' `partials[part]` (its own row stays in block_partial: st.async is
-  // for peers), each block starting with the next rank so that no block is every block's first destination; then,
-  // in every block, the same sum in block order.
+  // This block's row of partials into the same row of every peer's (st.async is for peers; its own is written
+  // above), each block starting with the next rank so that no block is every block's first destination; then, in
+  // every block, the same sum in block order.
   cluster_wait();  // every block's barrier is initialised
   constexpr int kVectors = RPAD / 4, kPeers = kGatherClusterBlocks - 1;
   if (threadIdx.x == 0) mbarrier_arrive_expect_bytes(&partials_ready, kPeers * RPAD * sizeof(float));
@@ -294,14 +294,14 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
     const int destination = (part + 1 + i / kVectors) % kGatherClusterBlocks, vector = i % kVectors;
     float v[4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = block_partial[4 * vector + e];
+    for (int e = 0; e < 4; ++e) v[e] = partials[part][4 * vector + e];
     store_4_floats_async(&partials[part][4 * vector], &partials_ready, static_cast<uint32_t>(destination), v);
   }
   mbarrier_wait_cluster(&partials_ready, 0);  // every peer's bytes have landed
   for (int j = threadIdx.x; j < RPAD; j += kGatherClusterThreads) {
     float sum = 0.f;
 #pragma unroll
-    for (int b = 0; b < kGatherClusterBlocks; ++b) sum += b == part ? block_partial[j] : partials[b][j];
+    for (int b = 0; b < kGatherClusterBlocks; ++b) sum += partials[b][j];
     xa[j] = sum;
   }
   __syncthreads();

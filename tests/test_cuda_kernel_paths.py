@@ -1,7 +1,8 @@
 """The CUDA backend picks among several kernels by shape, rank, dtype and alignment (csrc/cuda/lora_steps.cuh,
-lora_decode.cuh). Each case here sits on one side of a boundary between them, and is checked against the
-float64 reference through test_ops' forward and backward checks: the fused decoding kernel (≤ 32 tokens,
-r % 8 == 0, r ≤ 32), the tensor-core shrink (≥ 512 tokens, with a tail of tokens % 16 rows on the general
+lora_decode.cuh, one_adapter_decode.h). Each case here sits on one side of a boundary between them, and is checked
+against the float64 reference through test_ops' forward and backward checks: without dropout, on Hopper, the
+multi-adapter decoding cluster kernel on one slot (≤ 64 tokens, r ≤ 64); with dropout or elsewhere, the fused
+decoding kernel (≤ 32 tokens, r % 8 == 0, r ≤ 32), the tensor-core shrink (≥ 512 tokens, with a tail of tokens % 16 rows on the general
 kernel), the tensor-core expand (r ≤ 128) and token reduction (r ≤ 64, larger ranks in chunks of 64), with ranks that are
 not a multiple of 8 read element by element with zeros past r, the shrink in chunks of 64 ranks above r = 64,
 widths % 8 == 0, and their float32-FMA fallbacks."""
@@ -20,7 +21,9 @@ PATH_SHAPES = [
     pytest.param((16, 256, 136, 16), id="decode-16tok-r16"),
     pytest.param((32, 264, 128, 24), id="decode-32tok-r24"),
     pytest.param((32, 256, 128, 32), id="decode-32tok-r32"),
-    pytest.param((33, 256, 128, 16), id="general-33tok"),
+    pytest.param((33, 256, 128, 16), id="cluster-or-general-33tok"),
+    pytest.param((48, 264, 136, 5), id="cluster-or-general-48tok-r5"),
+    pytest.param((64, 256, 128, 64), id="cluster-or-general-64tok-r64"),
     pytest.param((16, 256, 128, 40), id="general-decode-r40"),
     pytest.param((515, 192, 136, 16), id="wmma-tail3"),
     pytest.param((512, 256, 128, 8), id="wmma-r8"),

@@ -4,7 +4,9 @@
 //
 //   y = x·Wᵀ + b (cuBLAS);  xa = dropout(x)·Aᵀ (float32, saved for backward);  y += s·xa·Bᵀ (in place).
 // Two shapes take kernels of our own for the base product as well: from 4096 tokens on Hopper the fused GEMM
-// (lora_gemm_sm90.h), and at 1–16 tokens one launch for the whole layer (lora_decode_gemv.cuh).
+// (lora_gemm_sm90.h), and at 1–16 tokens one launch for the whole layer (lora_decode_gemv.cuh). Up to 64 tokens
+// without dropout, the low-rank steps are one clustered launch after cuBLAS (one_adapter_decode.h); with dropout,
+// up to 32 tokens, lora_decode.cuh's.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -18,6 +20,7 @@
 #include "lora_gemm_sm90.h"
 #include "lora_steps.cuh"
 #include "nvtx_range.h"
+#include "one_adapter_decode.h"
 #include "rounded_copy.cuh"
 
 namespace lora_ext {
@@ -71,6 +74,11 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
 
   at::Tensor y = at::linear(x, weight, bias);
   if (dims.tokens == 0) return {y, lora_activation};
+  // A few tokens without dropout: the multi-adapter decoding kernel with one slot, launched right after the GEMM
+  // (its programmatic dependent; one_adapter_decode.h).
+  if (dropout_p == 0.0 && launch_one_adapter_decode(y, lora_activation, x, lora_A, lora_B, scaling)) {
+    return {y, lora_activation};
+  }
 
   dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using act_t = decltype(act_tag);

@@ -35,6 +35,7 @@
 #include "multi_lora_gather.cuh"
 #include "multi_lora_tiles.cuh"
 #include "nvtx_range.h"
+#include "one_adapter_decode.h"
 
 namespace lora_ext {
 namespace cuda {
@@ -292,6 +293,45 @@ void launch_general(const at::Tensor& x, const at::Tensor& A, const at::Tensor& 
       ids.data_ptr<IdT>(), scale.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+}  // namespace
+
+bool launch_one_adapter_decode(at::Tensor& y, at::Tensor& lora_activation, const at::Tensor& x,
+                               const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
+  const char* setting = std::getenv("LORA_EXT_DECODE_CLUSTER");
+  if (setting != nullptr && std::strcmp(setting, "0") == 0) return false;
+  const int64_t tokens = x.size(0), in = x.size(1), out = y.size(1), rank = lora_A.size(0);
+  if (tokens == 0 || tokens > kGatherMaxTokens || rank == 0 || rank > 64 || in % 8 != 0 || out % 8 != 0) return false;
+  // The kernel's layout: x rows of unit column stride on 16-byte boundaries, A (rank × in), B (out × rank) and y
+  // contiguous and 16-byte aligned (multi_lora_cluster.cuh). Views elsewhere keep lora_decode.cuh's kernels.
+  if (x.stride(1) != 1 || (tokens > 1 && x.stride(0) % 8 != 0) || !aligned16(x.data_ptr())) return false;
+  if (!lora_A.is_contiguous() || !aligned16(lora_A.data_ptr())) return false;
+  if (!lora_B.is_contiguous() || !aligned16(lora_B.data_ptr())) return false;
+  if (!y.is_contiguous() || !aligned16(y.data_ptr())) return false;
+  MultiLoraParams p{};
+  p.x = x.data_ptr();
+  p.x_stride = tokens > 1 ? x.stride(0) : in;
+  p.lora_A = lora_A.data_ptr();
+  p.lora_B = lora_B.data_ptr();
+  p.y = y.data_ptr();
+  p.tokens = tokens;
+  p.in = in;
+  p.out = out;
+  p.adapters = 1;
+  p.rank = rank;
+  p.one_adapter_scaling = static_cast<float>(scaling);
+  p.lora_activation = lora_activation.data_ptr<float>();
+  bool launched = false;
+  dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), "lora_ext::lora_forward",
+                                  [&](auto act_tag, auto adapter_tag) {
+                                    using T = decltype(act_tag);
+                                    using TW = decltype(adapter_tag);
+                                    launched = launch_gather_cluster<T, TW, OneAdapter>(p);
+                                  });
+  return launched;
+}
+
+namespace {
 
 at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                    const at::Tensor& lora_A_stack, const at::Tensor& lora_B_stack,

@@ -151,6 +151,8 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   constexpr int64_t kARowBytes = int64_t{kAChunk} * kAVectorBytes + kARowPadding;
   // 16-bit x with adapters of its type: the shrink on tensor cores.
   constexpr bool kMmaShrink = std::is_same_v<T, TW> && !std::is_same_v<T, float>;
+  // Single-adapter decoding (lora_forward): slot 0 for every token, the scaling a value, xa written out.
+  constexpr bool kOneAdapter = std::is_same_v<IdT, OneAdapter>;
   __shared__ __align__(16) char a_stage[RPAD * kARowBytes];  // [j][v]: rank rows of kAChunk vectors
   __shared__ __align__(16) char x_stage[kAChunk * kXVectorBytes];
   __shared__ __align__(16) char b_stage[kBStageBytes];  // output groups of 8 columns, b_group_pitch bytes each
@@ -303,11 +305,14 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
 #pragma unroll
     for (int b = 0; b < kGatherClusterBlocks; ++b) sum += partials[b][j];
     xa[j] = sum;
+    if constexpr (kOneAdapter) {
+      if (part == 0 && j < p.rank) p.lora_activation[t * p.rank + j] = sum;  // lora_forward's saved activation
+    }
   }
   __syncthreads();
 
   // The expand, chunk by chunk of B.
-  const float s = p.scalings[a];
+  const float s = kOneAdapter ? p.one_adapter_scaling : p.scalings[a];
   for (int64_t g0 = g_begin; g0 < g_end; g0 += b_chunk) {
     const int n_groups = static_cast<int>(std::min<int64_t>(b_chunk, g_end - g0));
     if (g0 != g_begin) {

@@ -43,6 +43,10 @@ struct MultiLoraParams {
   // The fused GEMM's row pairs (multi_lora_pair_passes_kernel): the tile expand skips pairs whose terms the GEMM
   // added.
   const int32_t* pair_passes;
+  // The decoding cluster kernel with IdT = OneAdapter (single-adapter decoding, forward.cu): no ids and no scalings
+  // tensor; every token on slot 0 with this scaling, and x·Aᵀ written out (tokens × rank, float32) for backward.
+  float one_adapter_scaling;
+  float* lora_activation;
 };
 
 constexpr int kNoSlot = INT_MAX;
@@ -52,6 +56,13 @@ template <typename IdT>
 __device__ __forceinline__ int slot_of(const void* ids, int64_t t, int64_t adapters) {
   const int64_t a = static_cast<int64_t>(static_cast<const IdT*>(ids)[t]);
   return (a >= 0 && a < adapters) ? static_cast<int>(a) : -1;
+}
+
+// The id type of a batch on one adapter (launch_one_adapter_decode in multi_lora.cu): every token is on slot 0.
+struct OneAdapter {};
+template <>
+__device__ __forceinline__ int slot_of<OneAdapter>(const void*, int64_t, int64_t) {
+  return 0;
 }
 
 // The smallest slot in slots[0, count) above `after`, or kNoSlot: a block walks the distinct adapters of its

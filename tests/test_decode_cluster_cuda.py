@@ -2,7 +2,7 @@
 dropout, at up to 64 tokens, adds its low-rank terms to cuBLAS's y with multi_lora_forward's decoding kernel
 (multi_lora_cluster.cuh) on one slot, and writes xa = x·Aᵀ for backward. On GPUs with thread-block clusters
 (compute capability ≥ 9.0) it serves x rows of unit column stride on 16-byte boundaries, contiguous 16-byte aligned
-A and B, in and out multiples of 8 and rank ≤ 64; 1–16 tokens go to the one-launch GEMV first where it serves
+A and B, in and out multiples of 8 and rank ≤ 64 (ranks above 32 up to 48 tokens); 1–16 tokens go to the one-launch GEMV first where it serves
 (test_decode_gemv_cuda.py). Everything else, and LORA_EXT_DECODE_CLUSTER=0, takes lora_decode.cuh's kernel (≤ 32
 tokens, r % 8 == 0, r ≤ 32) or the general shrink and expand.
 
@@ -23,8 +23,9 @@ ops = torch.ops.lora_ext
 Y_BOUND = {torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-11, torch.float32: 1e-5}
 
 
-def cluster_serves():
-    return torch.cuda.get_device_capability()[0] >= 9
+def cluster_serves(tokens=1, rank=16):
+    """Whether this GPU takes the cluster path for these sizes (ranks above 32: up to 48 tokens)."""
+    return torch.cuda.get_device_capability()[0] >= 9 and tokens <= 64 and rank <= 64 and (rank <= 32 or tokens <= 48)
 
 
 def forward(monkeypatch, path, x, weight, bias, lora_A, lora_B):
@@ -61,7 +62,9 @@ SHAPES = [
     pytest.param((40, 2056, 2056, 40), id="40tok-r40"),
     pytest.param((48, 4616, 2056, 12), id="48tok-r12-A-chunks"),
     pytest.param((53, 24, 16, 5), id="53tok-tiny-r5"),
-    pytest.param((64, 4096, 4096, 64), id="64tok-r64"),
+    pytest.param((48, 4096, 4096, 64), id="48tok-r64"),
+    pytest.param((49, 1032, 520, 40), id="49tok-r40-other-path"),
+    pytest.param((64, 4096, 4096, 32), id="64tok-r32"),
     pytest.param((61, 136, 8200, 1), id="61tok-wide-out-r1"),
 ]
 DTYPES = [
@@ -87,7 +90,7 @@ def test_decode_cluster_within_one_rounding(monkeypatch, dtype, adapter_dtype, s
     # The path it replaces agrees within the same bound.
     y_old, xa_old = forward(monkeypatch, "old", x, weight, bias_t, lora_A, lora_B)
     assert_within_one_rounding(y_old, xa_old, x, weight, bias_t, lora_A, lora_B)
-    if cluster_serves():
+    if cluster_serves(tokens, rank):
         # The multi-adapter kernel with one slot: the same bits (this is the path taken).
         assert_bit_identical(y, one_slot(x, weight, bias_t, lora_A, lora_B), "y against the one-slot multi op")
 

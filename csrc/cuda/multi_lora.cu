@@ -296,12 +296,18 @@ void launch_general(const at::Tensor& x, const at::Tensor& A, const at::Tensor& 
 
 }  // namespace
 
+constexpr int64_t kOneAdapterWideRankMaxTokens = 48;
+
 bool launch_one_adapter_decode(at::Tensor& y, at::Tensor& lora_activation, const at::Tensor& x,
                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
   const char* setting = std::getenv("LORA_EXT_DECODE_CLUSTER");
   if (setting != nullptr && std::strcmp(setting, "0") == 0) return false;
   const int64_t tokens = x.size(0), in = x.size(1), out = y.size(1), rank = lora_A.size(0);
   if (tokens == 0 || tokens > kGatherMaxTokens || rank == 0 || rank > 64 || in % 8 != 0 || out % 8 != 0) return false;
+  // Ranks above 32 (the kernel's 64-rank bucket: A and B staged in several chunks per block) lose to the general
+  // kernels past 48 tokens (H100, 4096², r = 64, in a CUDA graph: 64 tokens 2.43× the base layer against 2.01×,
+  // 48 tokens 1.91× against 1.99×; docs/perf-notes.md v19).
+  if (rank > 32 && tokens > kOneAdapterWideRankMaxTokens) return false;
   // The kernel's layout: x rows of unit column stride on 16-byte boundaries, A (rank × in), B (out × rank) and y
   // contiguous and 16-byte aligned (multi_lora_cluster.cuh). Views elsewhere keep lora_decode.cuh's kernels.
   if (x.stride(1) != 1 || (tokens > 1 && x.stride(0) % 8 != 0) || !aligned16(x.data_ptr())) return false;

@@ -1,11 +1,12 @@
 """The CUDA backend picks among several kernels by shape, rank, dtype and alignment (csrc/cuda/lora_steps.cuh,
 lora_decode.cuh, one_adapter_decode.h). Each case here sits on one side of a boundary between them, and is checked
 against the float64 reference through test_ops' forward and backward checks: without dropout, on Hopper, the
-multi-adapter decoding cluster kernel on one slot (≤ 64 tokens, r ≤ 64); with dropout or elsewhere, the fused
+multi-adapter decoding cluster kernel on one slot (≤ 64 tokens, r ≤ 64; ≤ 48 tokens above r = 32); with dropout or elsewhere, the fused
 decoding kernel (≤ 32 tokens, r % 8 == 0, r ≤ 32), the tensor-core shrink (≥ 512 tokens, with a tail of tokens % 16 rows on the general
 kernel), the tensor-core expand (r ≤ 128) and token reduction (r ≤ 64, larger ranks in chunks of 64), with ranks that are
 not a multiple of 8 read element by element with zeros past r, the shrink in chunks of 64 ranks above r = 64,
-widths % 8 == 0, and their float32-FMA fallbacks."""
+widths % 8 == 0, and their float32-FMA fallbacks. Without dropout, from 512 tokens, ranks above 16 take cuBLAS for the
+shrink and the token reductions (kCublasMinRank); test_kernel_path_our_kernels_above_rank_16 keeps them on ours."""
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ PATH_SHAPES = [
     pytest.param((32, 256, 128, 32), id="decode-32tok-r32"),
     pytest.param((33, 256, 128, 16), id="cluster-or-general-33tok"),
     pytest.param((48, 264, 136, 5), id="cluster-or-general-48tok-r5"),
-    pytest.param((64, 256, 128, 64), id="cluster-or-general-64tok-r64"),
+    pytest.param((64, 256, 128, 64), id="general-64tok-r64"),
     pytest.param((16, 256, 128, 40), id="general-decode-r40"),
     pytest.param((515, 192, 136, 16), id="wmma-tail3"),
     pytest.param((512, 256, 128, 8), id="wmma-r8"),
@@ -115,3 +116,25 @@ def test_shrink_tail_rows_round_float32_adapters_like_the_others(dropout_p):
     row_error = (xa.cpu().double() - rounded).norm(dim=1) / rounded.norm(dim=1).clamp_min(1e-30)
     assert row_error[-7:].max().item() <= 1e-5, row_error[-7:]
     assert row_error.max().item() <= 1e-5
+
+
+# Ranks above 16 from 512 tokens: cuBLAS's shrink and token reductions without dropout (lora_steps.cuh,
+# kCublasMinRank); ours still serve them with dropout, and here without it.
+OUR_KERNELS_ABOVE_RANK_16 = [
+    pytest.param((519, 136, 128, 20), id="r20-rpad32-tail7"),
+    pytest.param((517, 264, 136, 24), id="r24-tail5"),
+    pytest.param((520, 256, 128, 32), id="r32"),
+    pytest.param((530, 200, 72, 40), id="r40-rpad64"),
+    pytest.param((600, 256, 128, 64), id="r64"),
+]
+
+
+@pytest.mark.parametrize("shape", OUR_KERNELS_ABOVE_RANK_16)
+@pytest.mark.parametrize("dtype,adapter_dtype", CUDA_DTYPES)
+def test_kernel_path_our_kernels_above_rank_16(monkeypatch, dtype, adapter_dtype, shape):
+    """LORA_EXT_CUBLAS_MIN_RANK=1000: the tensor-core shrink and token reduction without dropout at ranks 17–64,
+    which cuBLAS serves by default, against the float64 reference."""
+    monkeypatch.setenv("LORA_EXT_CUBLAS_MIN_RANK", "1000")
+    tokens, in_features, out_features, rank = shape
+    x = make_x(tokens, in_features, dtype, "cuda")
+    _check_backward(x, *make_params(in_features, out_features, rank, dtype, adapter_dtype, "cuda"), 0.0)

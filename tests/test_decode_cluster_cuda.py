@@ -23,6 +23,15 @@ ops = torch.ops.lora_ext
 Y_BOUND = {torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-11, torch.float32: 1e-5}
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+    """float32 base GEMMs without TF32, as the bounds assume (restored after each test)."""
+    saved = torch.backends.cuda.matmul.allow_tf32  # (monkeypatch cannot patch this module's attributes)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def cluster_serves(tokens=1, rank=16):
     """Whether this GPU takes the cluster path for these sizes (ranks above 32: up to 48 tokens)."""
     return torch.cuda.get_device_capability()[0] >= 9 and tokens <= 64 and rank <= 64 and (rank <= 32 or tokens <= 48)
@@ -79,8 +88,6 @@ DTYPES = [
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
 def test_decode_cluster_within_one_rounding(monkeypatch, dtype, adapter_dtype, shape, bias):
-    if dtype == torch.float32:
-        torch.backends.cuda.matmul.allow_tf32 = False  # the base GEMM in float32, as the bound assumes
     tokens, in_f, out_f, rank = shape
     torch.manual_seed(tokens * 1000 + rank)
     x = make_x(tokens, in_f, dtype, "cuda")
@@ -95,14 +102,17 @@ def test_decode_cluster_within_one_rounding(monkeypatch, dtype, adapter_dtype, s
         assert_bit_identical(y, one_slot(x, weight, bias_t, lora_A, lora_B), "y against the one-slot multi op")
 
 
-@pytest.mark.parametrize("shape", [(40, 264, 136, 16), (64, 512, 520, 40)], ids=["40tok-r16", "64tok-r40"])
-@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES[:3])
+@pytest.mark.parametrize("shape", [(40, 264, 136, 16), (48, 512, 520, 40), (33, 264, 520, 12)],
+                         ids=["40tok-r16", "48tok-r40", "33tok-r12"])
+@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
 def test_decode_cluster_backward(monkeypatch, dtype, adapter_dtype, shape):
     """Training at decoding sizes without dropout: the saved xa comes from the cluster kernel; forward and the
     gradients against the float64 reference (test_ops' checks)."""
     monkeypatch.delenv("LORA_EXT_DECODE_GEMV", raising=False)
     monkeypatch.delenv("LORA_EXT_DECODE_CLUSTER", raising=False)
     tokens, in_f, out_f, rank = shape
+    if cluster_serves():
+        assert cluster_serves(tokens, rank), "each shape here is one the cluster path takes"
     x = make_x(tokens, in_f, dtype, "cuda")
     _check_backward(x, *make_params(in_f, out_f, rank, dtype, adapter_dtype, "cuda"), 0.0)
 

@@ -216,9 +216,10 @@ def test_fused_grad_x_in_a_cuda_graph(monkeypatch):
 def test_which_path_serves(monkeypatch, setting, tokens, in_features, rank, fused):
     """On an H100/H200 with an sm_90a build, the profiler sees our GEMM and no cuBLAS GEMM where the fused path
     serves (≥ 4096 tokens, out ≥ 2048 and in ≤ 4096, or ≤ 6144 for r > 16, or forced), and cuBLAS where it does
-    not."""
+    not. (The shrink's own cuBLAS product at r > 16 is kept out: LORA_EXT_CUBLAS_MIN_RANK.)"""
     if not fused_gemm_serves(torch.cuda.current_device()):
         pytest.skip("the fused GEMM needs compute capability 9.0 and an sm_90a build")
+    monkeypatch.setenv("LORA_EXT_CUBLAS_MIN_RANK", "1000")
     if setting is None:
         monkeypatch.delenv("LORA_EXT_FUSED_GEMM", raising=False)
     else:

@@ -10,6 +10,7 @@
 #include <array>
 
 #include "../checks.h"
+#include "../no_autocast.h"
 #include "../dropout_mask.h"
 
 namespace lora_ext {
@@ -116,6 +117,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const a
   check_lora_inputs(x, weight, bias, lora_A, lora_B, op);
   check_dropout(dropout_p, dropout_seed, x, op);
   check_scaling(scaling, op);
+  const NoAutocast no_autocast;  // the products in the inputs' dtypes (no_autocast.h)
   const auto acc = accumulate_type(x.scalar_type());
   // Every operand is 2-D (checked above): at::mm directly, without at::matmul's shape dispatch (≈ 1 µs per call,
   // which shows at decoding sizes).
@@ -138,6 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   const char* op = "lora_ext::lora_backward";
   const LoraDims dims = check_lora_inputs(x, weight, c10::nullopt, lora_A, lora_B, op);
   check_dropout(dropout_p, dropout_seed, x, op);
+  const NoAutocast no_autocast;  // the products in the inputs' dtypes (no_autocast.h)
   check_backward_inputs(grad_y, lora_activation, dims, x, op);
   check_scaling(scaling, op);
   const auto acc = accumulate_type(x.scalar_type());
@@ -180,6 +183,7 @@ void merge_cpu_impl(at::Tensor& weight, const at::Tensor& lora_A, const at::Tens
                     const char* op) {
   check_merge_inputs(weight, lora_A, lora_B, op);
   check_scaling(scaling, op);
+  const NoAutocast no_autocast;  // the product in float32 / float64 (no_autocast.h)
   const auto acc = accumulate_type(weight.scalar_type());
   // W + s·B·A computed whole in the accumulation type, then rounded once into W.
   at::Tensor merged = at::addmm(weight.to(acc), lora_B.to(acc), lora_A.to(acc), /*beta=*/1, /*alpha=*/scaling);

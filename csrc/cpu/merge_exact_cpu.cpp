@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../merge_exact_layout.h"
+#include "../no_autocast.h"
 
 namespace lora_ext {
 namespace {
@@ -134,6 +135,7 @@ void merge_exact_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Ten
   const char* op = "lora_ext::merge_exact_";
   check_merge_exact_inputs(weight, lora_A, lora_B, scaling, record, state, adapter_copy, op);
   if (weight.numel() == 0) return;
+  const NoAutocast no_autocast;  // the products in float32 (no_autocast.h)
   at::Tensor A = lora_A, B = lora_B;
   if (adapter_copy.numel() > 0) {
     at::Tensor copy_A = adapter_copy.narrow(0, 0, lora_A.numel()).view(lora_A.sizes());

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../no_autocast.h"
 
 namespace lora_ext {
 namespace {
@@ -71,6 +72,7 @@ at::Tensor multi_lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
   } else {
     check_ids_in_range<int32_t>(ids, d.adapters, op);
   }
+  const NoAutocast no_autocast;  // the products in the inputs' dtypes (no_autocast.h)
   at::Tensor y = at::linear(x, weight, bias).contiguous();
   if (d.tokens == 0) return y;
   add_low_rank_terms(x, lora_A_stack, lora_B_stack, scalings, ids, y, d);

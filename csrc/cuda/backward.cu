@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "../checks.h"
+#include "../no_autocast.h"
 #include "dropout_keep_bytes.cuh"
 #include "lora_dy_pass.cuh"
 #include "lora_gemm_sm90.h"
@@ -46,6 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   check_dropout(dropout_p, dropout_seed, x, op);
   check_backward_inputs(grad_y, lora_activation, dims, x, op);
   const c10::cuda::CUDAGuard device_guard(x.device());
+  const NoAutocast no_autocast;  // at::matmul in dy's dtype (no_autocast.h)
   const NvtxRange range(op);
 
   const auto float_options = x.options().dtype(at::kFloat);

@@ -5,8 +5,8 @@
 //   y = x·Wᵀ + b (cuBLAS);  xa = dropout(x)·Aᵀ (float32, saved for backward);  y += s·xa·Bᵀ (in place).
 // Two shapes take kernels of our own for the base product as well: from 4096 tokens on Hopper the fused GEMM
 // (lora_gemm_sm90.h), and at 1–16 tokens one launch for the whole layer (lora_decode_gemv.cuh). Up to 64 tokens
-// without dropout, the low-rank steps are one clustered launch after cuBLAS (one_adapter_decode.h); with dropout,
-// up to 32 tokens, lora_decode.cuh's.
+// without dropout (48 above r = 32), the low-rank steps are one clustered launch after cuBLAS (one_adapter_decode.h);
+// with dropout, up to 32 tokens, lora_decode.cuh's.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -15,6 +15,7 @@
 #include <cstring>
 
 #include "../checks.h"
+#include "../no_autocast.h"
 #include "lora_decode.cuh"
 #include "lora_decode_gemv.cuh"
 #include "lora_gemm_sm90.h"
@@ -42,6 +43,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
   check_scaling(scaling, op);
   check_dropout(dropout_p, dropout_seed, x, op);
   const c10::cuda::CUDAGuard device_guard(x.device());
+  const NoAutocast no_autocast;  // at::linear in x's dtype (no_autocast.h)
   const NvtxRange range(op);
 
   at::Tensor lora_activation = at::empty({dims.tokens, dims.rank}, x.options().dtype(at::kFloat));

@@ -7,6 +7,8 @@
 //                 float32 FMAs (lora_token_reduce.cuh)
 #pragma once
 
+#include <cstdlib>
+
 #include <ATen/ATen.h>
 #include <torch/version.h>
 
@@ -29,10 +31,19 @@ constexpr int64_t kShrinkWmmaMinTokens = 512;
 constexpr int64_t kWmmaMaxRank = 64;
 
 // From this rank up, the shrink and the token reduction without dropout go to cuBLAS (16-bit operands, float32
-// accumulation and output: aten::mm.dtype), which streams X at these ranks faster than our tensor-core kernels
-// (measured on an H100, docs/perf-notes.md v6); the results keep their meaning: float32 sums of 16-bit products,
-// scaled in float32. With dropout, our kernels draw the mask inside the pass instead of materialising it.
-constexpr int64_t kCublasMinRank = 64;
+// accumulation and output: aten::mm.dtype), which streams X at these ranks faster than our tensor-core kernels; the
+// results keep their meaning: float32 sums of 16-bit products, scaled in float32. With dropout, our kernels draw the
+// mask inside the pass instead of materialising it. Measured on an H100 (8192 tokens, 4096², training steps as ratios
+// to the frozen base layer): from r = 64 in v6; in v19 for every rank above the one-pass dy kernel's 16, e.g. r = 20
+// 1.23× → 1.21×, r = 24 1.23× → 1.18×, r = 32 1.22× → 1.15×, r = 48 1.36× → 1.18× (docs/perf-notes.md v19).
+constexpr int64_t kCublasMinRank = 17;
+
+// LORA_EXT_CUBLAS_MIN_RANK overrides kCublasMinRank (tests run our kernels at these ranks with it, benchmarks compare
+// both). Read per call, only where the answer depends on it.
+inline int64_t cublas_min_rank() {
+  const char* setting = std::getenv("LORA_EXT_CUBLAS_MIN_RANK");
+  return setting != nullptr ? static_cast<int64_t>(std::atoll(setting)) : kCublasMinRank;
+}
 
 // out (rows × r, float32, contiguous) = alpha · left·right, 16-bit operands, on cuBLAS. From torch 2.11 (the version
 // this was measured with; 2.8 and 2.9 refuse a float32 `self` here) alpha scales cuBLAS's float32 sums inside the
@@ -49,7 +60,7 @@ inline void mm_float_out(at::Tensor& out, const at::Tensor& left, const at::Tens
 
 // Whether shrink() hands x·Wᵀ to cuBLAS for these operands (see kCublasMinRank).
 inline bool shrink_on_cublas(at::ScalarType x_dtype, int64_t rank, int64_t tokens, bool dropout) {
-  return x_dtype != at::kFloat && !dropout && rank >= kCublasMinRank && tokens >= kShrinkWmmaMinTokens;
+  return x_dtype != at::kFloat && !dropout && tokens >= kShrinkWmmaMinTokens && rank >= cublas_min_rank();
 }
 
 // out (tokens × r, float32, contiguous) = alpha · dropout(x)·w_rkᵀ, where w_rk is a (r × K) view. With `rounded`
@@ -168,7 +179,7 @@ bool token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tens
   }
   if constexpr (!std::is_same_v<TM, float>) {
     const int64_t rank = right.size(1);
-    if (!DROPOUT && rank >= kCublasMinRank && matrix.size(0) >= kShrinkWmmaMinTokens) {
+    if (!DROPOUT && matrix.size(0) >= kShrinkWmmaMinTokens && rank >= cublas_min_rank()) {
       // R rounded to M's type, as our kernels do when staging it (PEFT's bf16 LoRA rounds it too).
       const at::Tensor right_rounded = right.to(matrix.scalar_type());
       if (out.stride(0) == 1 && out.t().is_contiguous() && out.scalar_type() != at::kFloat) {

@@ -28,6 +28,7 @@
 #include <utility>
 
 #include "../checks.h"
+#include "../no_autocast.h"
 #include "lora_decode.cuh"
 #include "lora_gemm_launch.cuh"
 #include "lora_gemm_sm90.h"
@@ -177,6 +178,7 @@ bool launch_gather_cluster(MultiLoraParams p) {
 
 template <typename T, typename TW, typename IdT>
 void launch_gather(MultiLoraParams p, const at::Tensor& x) {
+  static_assert(!std::is_same_v<IdT, OneAdapter>, "the two-kernel gather path reads ids and scalings");
   if (launch_gather_cluster<T, TW, IdT>(p)) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto [splits, per_split] = split_in_dimension(p.tokens, p.in / 8, kGatherShrinkThreads);
@@ -215,6 +217,7 @@ at::Tensor tile_shrink_workspace(MultiLoraParams& p, const at::Tensor& x, int64_
 
 template <typename T, typename TW, typename IdT>
 void launch_tiles(MultiLoraParams p, const at::Tensor& x) {
+  static_assert(!std::is_same_v<IdT, OneAdapter>, "the tile kernels read ids and scalings");
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t shrink_tiles = (p.tokens + kTileShrinkRows - 1) / kTileShrinkRows;
   const at::Tensor partial = tile_shrink_workspace(p, x, shrink_tiles);
@@ -313,7 +316,7 @@ bool launch_one_adapter_decode(at::Tensor& y, at::Tensor& lora_activation, const
   if (x.stride(1) != 1 || (tokens > 1 && x.stride(0) % 8 != 0) || !aligned16(x.data_ptr())) return false;
   if (!lora_A.is_contiguous() || !aligned16(lora_A.data_ptr())) return false;
   if (!lora_B.is_contiguous() || !aligned16(lora_B.data_ptr())) return false;
-  if (!y.is_contiguous() || !aligned16(y.data_ptr())) return false;
+  if (!y.is_contiguous() || !aligned16(y.data_ptr()) || y.scalar_type() != x.scalar_type()) return false;
   MultiLoraParams p{};
   p.x = x.data_ptr();
   p.x_stride = tokens > 1 ? x.stride(0) : in;
@@ -346,6 +349,7 @@ at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight
   const MultiLoraDims d =
       check_multi_lora_inputs(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids, op);
   const c10::cuda::CUDAGuard device_guard(x.device());
+  const NoAutocast no_autocast;  // at::linear in x's dtype (no_autocast.h)
   const NvtxRange range(op);
   LORA_CHECK(d.tokens <= INT32_MAX, op, ": at most 2^31 - 1 tokens per call, got ", d.tokens);
   LORA_CHECK(d.adapters <= INT32_MAX, op, ": at most 2^31 - 1 adapter slots, got ", d.adapters);

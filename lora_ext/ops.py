@@ -120,7 +120,10 @@ def lora_linear(
 ) -> torch.Tensor:
     """y = x·Wᵀ + b + scaling · dropout(x)·Aᵀ·Bᵀ for x of any leading shape (..., in_features).
 
-    With dropout_p > 0 and no dropout_seed, a seed is drawn from torch's generator."""
+    With dropout_p > 0 and no dropout_seed, a seed is drawn from torch's generator. Under torch.autocast it computes as
+    LoRALinear does (and F.linear): x, weight and bias in the autocast dtype; float32 adapters stay float32 (the kernels
+    take them on a 16-bit base), other adapters follow the autocast dtype. The raw operators
+    (torch.ops.lora_ext.*) always compute in their inputs' dtypes."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"lora_linear: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
@@ -133,6 +136,9 @@ def lora_linear(
         dropout_seed = new_dropout_seed(x.device)
     if dropout_p == 0:
         dropout_seed = None
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is not None:
+        x, weight, bias, lora_A, lora_B = _autocast_operands(autocast_dtype, x, weight, bias, lora_A, lora_B)
     if x.dim() == 2:  # the common case, without the reshape round trip (a few µs of host time per call)
         return torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed)[0]
     leading_shape = x.shape[:-1]
@@ -143,6 +149,26 @@ def lora_linear(
         x_2d, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_seed
     )
     return y.view(*leading_shape, y.shape[-1])
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype where an autocast region is active for x's device, else None."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast_operands(dtype, x, weight, bias, lora_A, lora_B):
+    """lora_linear's operands as autocast casts F.linear's (floating tensors other than float64), with float32
+    adapters kept (LoRALinear's policy)."""
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+    if lora_A.dtype != torch.float32:
+        lora_A, lora_B = cast(lora_A), cast(lora_B)
+    return cast(x), cast(weight), cast(bias), lora_A, lora_B
 
 
 def dropout_keep_mask(dropout_seed: torch.Tensor, rows: int, cols: int, dropout_p: float) -> torch.Tensor:

@@ -2,10 +2,13 @@
 implementations say (csrc/no_autocast.h). Autocast reaches the C++ implementations through a fallthrough with its
 state still set; before the guard, their own base product (at::linear) and the CPU path's products came back in
 bfloat16 for float32 inputs: a y of the wrong dtype on the CPU, and on CUDA a bfloat16 y that the kernels then wrote
-as float32, past its end. LoRALinear applies autocast itself (test_model_features.py covers it)."""
+as float32, past its end. LoRALinear and lora_ext.ops.lora_linear apply autocast themselves, as F.linear does: x, W
+and b in the autocast dtype, float32 adapters kept."""
 
 import pytest
 import torch
+
+import lora_ext
 
 from conftest import DEVICES, assert_rel_close, lora_reference, make_params, make_x
 from test_multi_adapter import make_stack, reference_by_slot
@@ -67,3 +70,26 @@ def test_merge_in_an_autocast_region_is_unchanged(device):
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
         ops.merge_(merged, lora_A, lora_B, SCALING)
     assert_rel_close(merged, expected, torch.float32)
+
+
+@pytest.mark.parametrize("tokens", [3, 40, 600])
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_linear_follows_autocast_like_the_layer(device, tokens):
+    """ops.lora_linear in an autocast region: y in the autocast dtype, the same bits as LoRALinear's autocast path on
+    the same parameters (float32 adapters kept), gradients reaching the float32 adapters, and near the float64
+    reference of the rounded operands."""
+    layer = lora_ext.LoRALinear(256, 136, r=8, alpha=16, device=device)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    x = make_x(tokens, 256, torch.float32, device).requires_grad_(True)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y_layer = layer(x)
+        y = lora_ext.ops.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    assert y.dtype == y_layer.dtype == torch.bfloat16
+    assert torch.equal(y, y_layer)
+    y.float().sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.dtype == torch.float32
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    bf = torch.bfloat16
+    ref = lora_reference(x.detach().to(bf), layer.weight.detach().to(bf), layer.bias.detach().to(bf),
+                         layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling)
+    assert_rel_close(y, ref["y"], bf, name="y")

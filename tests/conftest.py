@@ -240,3 +240,12 @@ def lora_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, keep
 
 def xa_dtype_for(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.fixture
+def float32_matmuls():
+    """float32 CUDA GEMMs without TF32 for the test (restored after it), where a bound assumes float32 products."""
+    saved = torch.backends.cuda.matmul.allow_tf32  # (monkeypatch cannot patch this module's attributes)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved

@@ -15,18 +15,11 @@ from test_multi_adapter import make_stack, reference_by_slot
 from test_ops import SCALING
 
 ops = torch.ops.lora_ext
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # conftest: float32 products, as the bounds assume
 
 # (tokens, in, out, r): decoding sizes (on Hopper the one-launch GEMV, then the cluster kernel from 17 tokens) and
 # enough tokens for the tensor-core kernels.
 SHAPES = [(1, 256, 136, 16), (40, 256, 136, 16), (600, 256, 136, 24)]
-
-
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-    saved = torch.backends.cuda.matmul.allow_tf32  # (monkeypatch cannot patch this module's attributes)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}tok-r{s[3]}")

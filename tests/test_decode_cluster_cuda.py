@@ -17,19 +17,10 @@ from conftest import assert_bit_identical, capture_cuda_graph, lora_reference, m
     requires_cuda
 from test_ops import SCALING, _check_backward
 
-pytestmark = requires_cuda
+pytestmark = [requires_cuda, pytest.mark.usefixtures("float32_matmuls")]  # conftest: no TF32, as the bounds assume
 
 ops = torch.ops.lora_ext
 Y_BOUND = {torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-11, torch.float32: 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-    """float32 base GEMMs without TF32, as the bounds assume (restored after each test)."""
-    saved = torch.backends.cuda.matmul.allow_tf32  # (monkeypatch cannot patch this module's attributes)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def cluster_serves(tokens=1, rank=16):

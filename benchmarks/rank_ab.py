@@ -1,5 +1,5 @@
-"""Training steps (forward + backward; --forward: forward calls under no_grad) of LoRALinear at several ranks, as ratios to the frozen base layer's step in the
-same process, for A/Bs between processes that differ in one environment switch (GPU only):
+"""Training steps (forward + backward; --forward: forward calls under no_grad) of LoRALinear at several ranks, as
+ratios to the frozen base layer's step in the same process, for A/Bs between processes that differ in one environment switch (GPU only):
 
     LORA_EXT_CUBLAS_MIN_RANK=32 python benchmarks/rank_ab.py --ranks 24,32,48 --label cublas32 >> ab.jsonl
     python benchmarks/rank_ab.py --summarize ab.jsonl

@@ -2,8 +2,8 @@
 dropout, at up to 64 tokens, adds its low-rank terms to cuBLAS's y with multi_lora_forward's decoding kernel
 (multi_lora_cluster.cuh) on one slot, and writes xa = x·Aᵀ for backward. On GPUs with thread-block clusters
 (compute capability ≥ 9.0) it serves x rows of unit column stride on 16-byte boundaries, contiguous 16-byte aligned
-A and B, in and out multiples of 8 and rank ≤ 64 (ranks above 32 up to 48 tokens); 1–16 tokens go to the one-launch GEMV first where it serves
-(test_decode_gemv_cuda.py). Everything else, and LORA_EXT_DECODE_CLUSTER=0, takes lora_decode.cuh's kernel (≤ 32
+A and B, in and out multiples of 8 and rank ≤ 64 (ranks above 32 up to 48 tokens); 1–16 tokens go to the one-launch
+GEMV first where it serves (test_decode_gemv_cuda.py). Everything else, and LORA_EXT_DECODE_CLUSTER=0, takes lora_decode.cuh's kernel (≤ 32
 tokens, r % 8 == 0, r ≤ 32) or the general shrink and expand.
 
 y is rounded once from a float32 sum, so it must lie within one rounding of the float64 reference:

@@ -6,7 +6,9 @@ decoding kernel (≤ 32 tokens, r % 8 == 0, r ≤ 32), the tensor-core shrink (�
 kernel), the tensor-core expand (r ≤ 128) and token reduction (r ≤ 64, larger ranks in chunks of 64), with ranks that are
 not a multiple of 8 read element by element with zeros past r, the shrink in chunks of 64 ranks above r = 64,
 widths % 8 == 0, and their float32-FMA fallbacks. Without dropout, from 512 tokens, ranks above 16 take cuBLAS for the
-shrink and the token reductions (kCublasMinRank); test_kernel_path_our_kernels_above_rank_16 keeps them on ours."""
+shrink and the token reductions (kCublasMinRank); test_kernel_path_our_kernels_above_rank_16 keeps them on ours. From
+65 to 511 tokens the shrink of 16-bit x by adapters of its dtype takes cuBLAS at every rank
+(test_kernel_path_shrink_between_decoding_and_tiles runs both)."""
 
 import pytest
 import torch
@@ -135,6 +137,20 @@ def test_kernel_path_our_kernels_above_rank_16(monkeypatch, dtype, adapter_dtype
     """LORA_EXT_CUBLAS_MIN_RANK=1000: the tensor-core shrink and token reduction without dropout at ranks 17–64,
     which cuBLAS serves by default, against the float64 reference."""
     monkeypatch.setenv("LORA_EXT_CUBLAS_MIN_RANK", "1000")
+    tokens, in_features, out_features, rank = shape
+    x = make_x(tokens, in_features, dtype, "cuda")
+    _check_backward(x, *make_params(in_features, out_features, rank, dtype, adapter_dtype, "cuda"), 0.0)
+
+
+@pytest.mark.parametrize("cublas_shrink", ["1", "0"], ids=["cublas", "general"])
+@pytest.mark.parametrize("shape", [(65, 256, 128, 16), (130, 264, 136, 40), (511, 200, 72, 5), (300, 256, 128, 128)],
+                         ids=["65tok-r16", "130tok-r40", "511tok-r5", "300tok-r128"])
+@pytest.mark.parametrize("dtype,adapter_dtype", CUDA_DTYPES)
+def test_kernel_path_shrink_between_decoding_and_tiles(monkeypatch, dtype, adapter_dtype, shape, cublas_shrink):
+    """65–511 tokens without dropout: x·Aᵀ and dy·B on cuBLAS where the adapters are in x's dtype (float32 adapters
+    stay on the general kernel), or on the general kernel with LORA_EXT_CUBLAS_SHRINK=0; both against the float64
+    reference, forward and backward."""
+    monkeypatch.setenv("LORA_EXT_CUBLAS_SHRINK", cublas_shrink)
     tokens, in_features, out_features, rank = shape
     x = make_x(tokens, in_features, dtype, "cuda")
     _check_backward(x, *make_params(in_features, out_features, rank, dtype, adapter_dtype, "cuda"), 0.0)

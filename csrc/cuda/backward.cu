@@ -88,7 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   const bool copy_A_t = copy_transposes && compute_grad_x && !fused_grad_x && dims.rank % 8 == 0;
   // dxa's shrink reads Bᵀ; where it goes to cuBLAS (shrink_on_cublas), cuBLAS takes the view as it is.
   const bool copy_B_t = copy_transposes && !one_pass_over_dy &&
-                        !shrink_on_cublas(grad_y.scalar_type(), dims.rank, dims.tokens, /*dropout=*/false);
+                        !shrink_on_cublas(grad_y.scalar_type(), lora_B.scalar_type(), dims.rank, dims.tokens,
+                                         /*dropout=*/false);
   const at::Tensor lora_B_t = copy_B_t ? lora_B.t().contiguous() : lora_B.t();
   const at::Tensor lora_A_t = copy_A_t ? lora_A.t().contiguous() : lora_A.t();
 
@@ -121,7 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
       const bool wrote = token_reduce_step<act_t, true>(grad_A_t, x, grad_activation, keep_scale, seed, threshold,
                                                         keep_bytes_out(keep_bytes));
       if (keep_bytes.defined() && !wrote) launch_dropout_keep_bytes(keep_bytes, dims.in_features, seed, threshold);
-    } else if (fused_grad_x && shrink_on_cublas(x.scalar_type(), dims.rank, dims.tokens, /*dropout=*/false)) {
+    } else if (fused_grad_x &&
+               shrink_on_cublas(x.scalar_type(), lora_A.scalar_type(), dims.rank, dims.tokens, /*dropout=*/false)) {
       // dA's product goes to cuBLAS here and takes dxa rounded to x's dtype: exactly the dx GEMM's operand
       // (keep_scale is 1 without dropout, so that operand is dxa itself), so it is rounded once for both.
       finish_lora_gemm_operand(scaled_grad_activation, grad_activation, keep_scale, 0);

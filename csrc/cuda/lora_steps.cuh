@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdlib>
+#include <cstring>
 
 #include <ATen/ATen.h>
 #include <torch/version.h>
@@ -58,9 +59,24 @@ inline void mm_float_out(at::Tensor& out, const at::Tensor& left, const at::Tens
 #endif
 }
 
-// Whether shrink() hands x·Wᵀ to cuBLAS for these operands (see kCublasMinRank).
-inline bool shrink_on_cublas(at::ScalarType x_dtype, int64_t rank, int64_t tokens, bool dropout) {
-  return x_dtype != at::kFloat && !dropout && tokens >= kShrinkWmmaMinTokens && rank >= cublas_min_rank();
+// Between the decoding kernels' range and kShrinkWmmaMinTokens, shrink() hands x·Wᵀ to cuBLAS at every rank (16-bit
+// x and W of x's dtype, no dropout): there our general kernel's K split lost to it by 0.3–0.6 of the base layer's time
+// (H100, 4096², inference in a CUDA graph, 65–511 tokens: r = 16 1.75–2.03× → 1.37–1.47×, r = 64 1.87–2.15× →
+// 1.41–1.52×; docs/perf-notes.md v19). Float32 W stays on our kernel, which does not round it to x's dtype.
+// LORA_EXT_CUBLAS_SHRINK=0 turns this off (tests keep the general kernel under test at these sizes).
+constexpr int64_t kCublasShrinkMinTokens = 65;
+
+inline bool small_shrink_on_cublas_enabled() {
+  const char* setting = std::getenv("LORA_EXT_CUBLAS_SHRINK");
+  return setting == nullptr || std::strcmp(setting, "0") != 0;
+}
+
+// Whether shrink() hands x·Wᵀ to cuBLAS for these operands (kCublasMinRank, kCublasShrinkMinTokens).
+inline bool shrink_on_cublas(at::ScalarType x_dtype, at::ScalarType w_dtype, int64_t rank, int64_t tokens,
+                             bool dropout) {
+  if (x_dtype == at::kFloat || dropout) return false;
+  if (tokens >= kShrinkWmmaMinTokens) return rank >= cublas_min_rank();
+  return tokens >= kCublasShrinkMinTokens && w_dtype == x_dtype && small_shrink_on_cublas_enabled();
 }
 
 // out (tokens × r, float32, contiguous) = alpha · dropout(x)·w_rkᵀ, where w_rk is a (r × K) view. With `rounded`
@@ -72,7 +88,7 @@ int64_t shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, dou
   const int64_t tokens = x.size(0), rank = w_rk.size(0), k = x.size(1);
   const bool dropout = dropout_seed != nullptr;
   if constexpr (!std::is_same_v<act_t, float>) {
-    if (shrink_on_cublas(x.scalar_type(), rank, tokens, dropout)) {
+    if (shrink_on_cublas(x.scalar_type(), w_rk.scalar_type(), rank, tokens, dropout)) {
       // W rounded to X's type first (a small copy for float32 adapters), as our kernels do when staging it.
       mm_float_out(out, x, w_rk.to(x.scalar_type()).t(), alpha);
       return 0;

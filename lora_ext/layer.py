@@ -355,11 +355,7 @@ class LoRALinear(nn.Module):
 
     def _autocast_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
         # Under torch.autocast, behave like nn.Linear: compute in the autocast dtype.
-        device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
-        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-            if isinstance(x, torch.Tensor) and x.is_floating_point():
-                return torch.get_autocast_dtype(device_type)
-        return None
+        return ops._autocast_dtype(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # This runs once per layer per step, and a decoding-sized call is bound by its host time, so the common

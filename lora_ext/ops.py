@@ -151,8 +151,11 @@ def lora_linear(
     return y.view(*leading_shape, y.shape[-1])
 
 
-def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype where an autocast region is active for x's device, else None."""
+def _autocast_dtype(x) -> Optional[torch.dtype]:
+    """The autocast dtype for a floating tensor x where an autocast region is active for its device, else None (also
+    used by LoRALinear)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None
     device_type = x.device.type
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)

@@ -122,8 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
       const bool wrote = token_reduce_step<act_t, true>(grad_A_t, x, grad_activation, keep_scale, seed, threshold,
                                                         keep_bytes_out(keep_bytes));
       if (keep_bytes.defined() && !wrote) launch_dropout_keep_bytes(keep_bytes, dims.in_features, seed, threshold);
-    } else if (fused_grad_x &&
-               shrink_on_cublas(x.scalar_type(), lora_A.scalar_type(), dims.rank, dims.tokens, /*dropout=*/false)) {
+    } else if (fused_grad_x && x.scalar_type() != at::kFloat && token_reduce_on_cublas(dims.rank, dims.tokens)) {
       // dA's product goes to cuBLAS here and takes dxa rounded to x's dtype: exactly the dx GEMM's operand
       // (keep_scale is 1 without dropout, so that operand is dxa itself), so it is rounded once for both.
       finish_lora_gemm_operand(scaled_grad_activation, grad_activation, keep_scale, 0);

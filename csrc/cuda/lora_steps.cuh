@@ -79,6 +79,11 @@ inline bool shrink_on_cublas(at::ScalarType x_dtype, at::ScalarType w_dtype, int
   return tokens >= kCublasShrinkMinTokens && w_dtype == x_dtype && small_shrink_on_cublas_enabled();
 }
 
+// Whether token_reduce_step() hands its product to cuBLAS (16-bit operands, no dropout; kCublasMinRank).
+inline bool token_reduce_on_cublas(int64_t rank, int64_t tokens) {
+  return tokens >= kShrinkWmmaMinTokens && rank >= cublas_min_rank();
+}
+
 // out (tokens × r, float32, contiguous) = alpha · dropout(x)·w_rkᵀ, where w_rk is a (r × K) view. With `rounded`
 // (x's dtype), the tensor-core kernel also writes its rows of out · rounded.scale there; returns how many leading rows
 // it wrote (0 where another path ran): the caller fills the rest.
@@ -195,7 +200,7 @@ bool token_reduce_step(at::Tensor& out, const at::Tensor& matrix, const at::Tens
   }
   if constexpr (!std::is_same_v<TM, float>) {
     const int64_t rank = right.size(1);
-    if (!DROPOUT && matrix.size(0) >= kShrinkWmmaMinTokens && rank >= cublas_min_rank()) {
+    if (!DROPOUT && token_reduce_on_cublas(rank, matrix.size(0))) {
       // R rounded to M's type, as our kernels do when staging it (PEFT's bf16 LoRA rounds it too).
       const at::Tensor right_rounded = right.to(matrix.scalar_type());
       if (out.stride(0) == 1 && out.t().is_contiguous() && out.scalar_type() != at::kFloat) {

@@ -44,6 +44,9 @@ class LoraForwardFunction : public torch::autograd::Function<LoraForwardFunction
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["has_bias"] = has_bias;
     ctx->mark_non_differentiable({lora_activation});
+    // Undefined output gradients stay undefined: by default the engine would fill a zero tensor for x·Aᵀ's (never
+    // defined: it is not differentiable) on every backward, a kernel and an allocation per step (v20).
+    ctx->set_materialize_grads(false);
     return {y, lora_activation};
   }
 
@@ -67,6 +70,10 @@ class LoraForwardFunction : public torch::autograd::Function<LoraForwardFunction
     const bool needs_A = ctx->needs_input_grad(2 + bias_edges), needs_B = ctx->needs_input_grad(3 + bias_edges);
 
     const at::Tensor& grad_y = grad_outputs[0];
+    if (!grad_y.defined()) {  // no gradient reached y (grads are not materialized): every input's is zero
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+              at::Tensor()};
+    }
     at::Tensor grad_x, grad_A, grad_B;
     if (needs_x || needs_A || needs_B) {
       std::tie(grad_x, grad_A, grad_B) =

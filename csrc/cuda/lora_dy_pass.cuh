@@ -10,8 +10,8 @@
 // the group's tiles and is written once per step as the group's partial; dB accumulates in registers over the
 // split's tokens and is written once per block as the split's partial. Both read the same staged tile through
 // ldmatrix (plain for dxa's A operand, transposed for dB's B operand), with m16n8k16 MMAs.
-// finalize_token_reduce_kernel adds the partials in a fixed order: results repeat bit for bit on one GPU model (the
-// token splits follow its SM count, so another model may round differently).
+// finalize_dy_pass_kernel adds both kinds of partials in a fixed order, in one launch: results repeat bit for bit on
+// one GPU model (the token splits follow its SM count, so another model may round differently).
 // Bytes: dy once; B once per block and xa once per column group, from L2; partials 64·(splits·C + groups·T) bytes
 // (12.6 MB at 8192 × 4096; 19 MB at 8192 × 11008, against the 180 MB read of dy the second pass would cost).
 // Two blocks fit an SM of 228 KB of shared memory (Hopper); on an A100 (164 KB) one does, and the grid, sized for two,
@@ -214,6 +214,52 @@ __global__ void __launch_bounds__(dy_pass_detail::kThreads, 2) lora_dy_pass_kern
 #endif
 }
 
+// The dy pass's two finalizations in one launch: blocks [0, b_blocks) add dB's token-split partials (columns 16 per
+// block), the others dxa's column-group partials (tokens 16 per block). The two are independent, so they run side by
+// side instead of one after the other: each alone is a short kernel, mostly launch and tail (≈ 3 µs at 8192 × 4096).
+struct FinalizeDyPassParams {
+  const float* partials_b;  // (splits × columns_padded × rpad)
+  int64_t splits, columns, columns_padded;
+  void* grad_b;  // (C × r) in TB, any strides
+  int64_t grad_b_stride_c, grad_b_stride_j;
+  bool grad_b_columns_fastest;
+  int64_t b_blocks;
+  const float* partials_dxa;  // (groups × tokens × rpad)
+  int64_t groups, tokens;
+  float* grad_activation;  // (tokens × r), contiguous
+  RoundedCopy rounded;
+  int rank, rpad;
+};
+
+template <typename TB, typename T>
+__global__ void __launch_bounds__(256) finalize_dy_pass_kernel(const FinalizeDyPassParams p) {
+  if (blockIdx.x < p.b_blocks) {
+    finalize_token_reduce_block<TB>(p.partials_b, p.splits, p.columns, p.columns_padded, p.rank, p.rpad,
+                                    static_cast<TB*>(p.grad_b), p.grad_b_stride_c, p.grad_b_stride_j,
+                                    p.grad_b_columns_fastest, RoundedCopy{}, blockIdx.x);
+  } else {
+    finalize_token_reduce_block<float, T>(p.partials_dxa, p.groups, p.tokens, p.tokens, p.rank, p.rpad,
+                                          p.grad_activation, p.rank, 1, false, p.rounded, blockIdx.x - p.b_blocks);
+  }
+}
+
+// Launches finalize_dy_pass_kernel for grad_B (any floating dtype and strides) and grad_activation (+ `rounded` in T).
+template <typename T>
+void launch_finalize_dy_pass(FinalizeDyPassParams p, at::Tensor& grad_B, cudaStream_t stream) {
+  p.grad_b = grad_B.data_ptr();
+  p.grad_b_stride_c = grad_B.stride(0);
+  p.grad_b_stride_j = grad_B.stride(1);
+  p.grad_b_columns_fastest = grad_B.stride(0) == 1 && grad_B.stride(1) != 1;
+  p.b_blocks = (p.columns + kFinalizeColumns - 1) / kFinalizeColumns;
+  const int64_t blocks = p.b_blocks + (p.tokens + kFinalizeColumns - 1) / kFinalizeColumns;
+  LORA_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "lora_ext: too many tokens (", p.tokens,
+             ") or features (", p.columns, ")");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_B.scalar_type(), "finalize_dy_pass", [&] {
+    finalize_dy_pass_kernel<scalar_t, T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 // Whether this build's kernel for the current device was compiled for sm_80+ (its body is __trap() otherwise, e.g.
 // in a build for 7.5 with PTX that the driver compiles for a newer GPU); asked once per device.
 inline bool dy_pass_kernel_compiled_for_sm80() {
@@ -319,21 +365,21 @@ bool launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::T
       <<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), kThreads, kSharedBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // dB: the splits' partials added in order, written in grad_B's dtype and layout.
-  const bool columns_fastest = grad_B.stride(0) == 1 && grad_B.stride(1) != 1;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_B.scalar_type(), "dy_pass_finalize", [&] {
-    finalize_token_reduce_kernel<scalar_t>
-        <<<static_cast<unsigned>((columns + kFinalizeColumns - 1) / kFinalizeColumns), 256, 0, stream>>>(
-            partials_b.data_ptr<float>(), splits, columns, columns_padded, static_cast<int>(rank), kRankPad,
-            grad_B.data_ptr<scalar_t>(), grad_B.stride(0), grad_B.stride(1), columns_fastest);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  // dxa: the column groups' partials added in order.
-  const auto dxa_blocks = static_cast<unsigned>((tokens + kFinalizeColumns - 1) / kFinalizeColumns);
-  finalize_token_reduce_kernel<float, T><<<dxa_blocks, 256, 0, stream>>>(
-      partials_dxa.data_ptr<float>(), groups, tokens, tokens, static_cast<int>(rank), kRankPad,
-      grad_activation.data_ptr<float>(), rank, 1, false, rounded);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // dB: the splits' partials added in order, written in grad_B's dtype and layout; dxa: the column groups' partials
+  // added in order. One launch for both.
+  FinalizeDyPassParams f{};
+  f.partials_b = partials_b.data_ptr<float>();
+  f.splits = splits;
+  f.columns = columns;
+  f.columns_padded = columns_padded;
+  f.partials_dxa = partials_dxa.data_ptr<float>();
+  f.groups = groups;
+  f.tokens = tokens;
+  f.grad_activation = grad_activation.data_ptr<float>();
+  f.rounded = rounded;
+  f.rank = static_cast<int>(rank);
+  f.rpad = kRankPad;
+  launch_finalize_dy_pass<T>(f, grad_B, stream);
   return rounded.out != nullptr;
 }
 

@@ -146,14 +146,16 @@ __global__ void __launch_bounds__(128) lora_token_reduce_wmma_kernel(const Token
 // them (in order): one load in flight per thread left the first version waiting on memory (10.5 µs for 4 MB).
 constexpr int kFinalizeColumns = 16;
 constexpr int kFinalizeSplitsInFlight = 8;
-// TRounded: the dtype of `rounded` (rounded_copy.cuh: row c holds the sums · scale), if one is given.
+// TRounded: the dtype of `rounded` (rounded_copy.cuh: row c holds the sums · scale), if one is given. `block` is
+// the block's index among those finalizing this output (columns 16·block …).
 template <typename TOut, typename TRounded = TOut>
-__global__ void __launch_bounds__(256)
-    finalize_token_reduce_kernel(const float* __restrict__ partials, int64_t splits, int64_t columns,
-                                 int64_t columns_padded, int rank, int rpad, TOut* out, int64_t out_stride_c,
-                                 int64_t out_stride_j, bool columns_fastest, RoundedCopy rounded = {}) {
+__device__ __forceinline__ void finalize_token_reduce_block(const float* __restrict__ partials, int64_t splits,
+                                                            int64_t columns, int64_t columns_padded, int rank,
+                                                            int rpad, TOut* out, int64_t out_stride_c,
+                                                            int64_t out_stride_j, bool columns_fastest,
+                                                            RoundedCopy rounded, int64_t block) {
   __shared__ float sums[kFinalizeColumns][64 + 1];
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kFinalizeColumns;
+  const int64_t c0 = block * kFinalizeColumns;
   const int width = columns - c0 < kFinalizeColumns ? static_cast<int>(columns - c0) : kFinalizeColumns;
   const int64_t split_stride = columns_padded * rpad;
   for (int i = threadIdx.x; i < width * rank; i += blockDim.x) {
@@ -181,6 +183,15 @@ __global__ void __launch_bounds__(256)
           static_cast<TRounded>(static_cast<float>(value) * rounded.scale);
     }
   }
+}
+
+template <typename TOut, typename TRounded = TOut>
+__global__ void __launch_bounds__(256)
+    finalize_token_reduce_kernel(const float* __restrict__ partials, int64_t splits, int64_t columns,
+                                 int64_t columns_padded, int rank, int rpad, TOut* out, int64_t out_stride_c,
+                                 int64_t out_stride_j, bool columns_fastest, RoundedCopy rounded = {}) {
+  finalize_token_reduce_block<TOut, TRounded>(partials, splits, columns, columns_padded, rank, rpad, out, out_stride_c,
+                                              out_stride_j, columns_fastest, rounded, blockIdx.x);
 }
 
 inline bool token_reduce_wmma_supported(const at::Tensor& matrix, const at::Tensor& right) {

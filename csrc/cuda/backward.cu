@@ -85,13 +85,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
       dims.tokens >= kShrinkWmmaMinTokens && x.scalar_type() != at::kFloat && dy_pass != DyPassSetting::kOff &&
       dy_pass_supported(grad_y, lora_B, activation, dy_pass == DyPassSetting::kForce);
   const bool copy_transposes = dims.tokens >= kShrinkWmmaMinTokens;
-  const bool copy_A_t = copy_transposes && compute_grad_x && !fused_grad_x && dims.rank % 8 == 0;
-  // dxa's shrink reads Bᵀ; where it goes to cuBLAS (shrink_on_cublas), cuBLAS takes the view as it is.
-  const bool copy_B_t = copy_transposes && !one_pass_over_dy &&
-                        !shrink_on_cublas(grad_y.scalar_type(), lora_B.scalar_type(), dims.rank, dims.tokens,
-                                         /*dropout=*/false);
-  const at::Tensor lora_B_t = copy_B_t ? lora_B.t().contiguous() : lora_B.t();
-  const at::Tensor lora_A_t = copy_A_t ? lora_A.t().contiguous() : lora_A.t();
+  // Made only where a kernel reads them (each view or copy is a dispatcher call: host time per step).
+  const auto transposed_A = [&] {
+    const bool copy_A_t = copy_transposes && dims.rank % 8 == 0;
+    return copy_A_t ? lora_A.t().contiguous() : lora_A.t();
+  };
+  const auto transposed_B = [&] {
+    // dxa's shrink reads Bᵀ; where it goes to cuBLAS (shrink_on_cublas), cuBLAS takes the view as it is.
+    const bool copy_B_t = copy_transposes && !shrink_on_cublas(grad_y.scalar_type(), lora_B.scalar_type(), dims.rank,
+                                                               dims.tokens, /*dropout=*/false);
+    return copy_B_t ? lora_B.t().contiguous() : lora_B.t();
+  };
 
   dispatch_activation_and_adapter(x.scalar_type(), lora_A.scalar_type(), op, [&](auto act_tag, auto adapter_tag) {
     using act_t = decltype(act_tag);
@@ -112,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     if (!done) {
       if (dims.tokens > 0) {
         // dxa[t, j] = s · Σ_o dy[t, o] · B[o, j]
-        shrink<act_t, adapter_t>(grad_activation, grad_y, lora_B_t, scaling, nullptr, 0);
+        shrink<act_t, adapter_t>(grad_activation, grad_y, transposed_B(), scaling, nullptr, 0);
       }
       // dB[o, j] = s · Σ_t dy[t, o] · xa[t, j]
       token_reduce_step<act_t, false>(grad_B, grad_y, activation, scaling);
@@ -133,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     }
     if (compute_grad_x && !fused_grad_x && dims.tokens > 0) {
       // dx[t, k] += keep[t, k]/(1−p) · Σ_j dxa[t, j] · A[j, k]
+      const at::Tensor lora_A_t = transposed_A();
       if (seed != nullptr) {
         expand_add_step<float, adapter_t, act_t, true>(grad_x, grad_activation, lora_A_t, keep_scale, seed, threshold);
       } else {

@@ -15,6 +15,7 @@
 
 #include "../checks.h"
 #include "../no_autocast.h"
+#include "dependent_launch.h"
 #include "dropout_keep_bytes.cuh"
 #include "lora_dy_pass.cuh"
 #include "lora_gemm_sm90.h"
@@ -49,6 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   const c10::cuda::CUDAGuard device_guard(x.device());
   const NoAutocast no_autocast;  // at::matmul in dy's dtype (no_autocast.h)
   const NvtxRange range(op);
+  // Our kernels as programmatic dependents of each other, where the call is large enough (dependent_launch.h).
+  const DependentLaunchScope dependent_launch(dependent_launch_pays(dims.tokens, dims.in_features, dims.out_features));
 
   const auto float_options = x.options().dtype(at::kFloat);
   at::Tensor grad_activation = at::empty({dims.tokens, dims.rank}, float_options);

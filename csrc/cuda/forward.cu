@@ -16,6 +16,7 @@
 
 #include "../checks.h"
 #include "../no_autocast.h"
+#include "dependent_launch.h"
 #include "lora_decode.cuh"
 #include "lora_decode_gemv.cuh"
 #include "lora_gemm_sm90.h"
@@ -45,6 +46,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
   const c10::cuda::CUDAGuard device_guard(x.device());
   const NoAutocast no_autocast;  // at::linear in x's dtype (no_autocast.h)
   const NvtxRange range(op);
+  // Our kernels as programmatic dependents of each other, where the call is large enough (dependent_launch.h).
+  const DependentLaunchScope dependent_launch(dependent_launch_pays(dims.tokens, dims.in_features, dims.out_features));
 
   at::Tensor lora_activation = at::empty({dims.tokens, dims.rank}, x.options().dtype(at::kFloat));
   const int64_t* seed = dropout_p > 0.0 ? dropout_seed->data_ptr<int64_t>() : nullptr;

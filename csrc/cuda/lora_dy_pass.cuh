@@ -80,6 +80,7 @@ __global__ void __launch_bounds__(dy_pass_detail::kThreads, 2) lora_dy_pass_kern
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace dy_pass_detail;
   static_assert(sizeof(T) == sizeof(uint16_t), "16-bit dy");
+  wait_for_preceding_kernel();  // launched as a programmatic dependent (dependent_launch.h): nothing read before
   extern __shared__ __align__(128) unsigned char shared_raw[];
   T* dy_stages = reinterpret_cast<T*>(shared_raw);                                   // [kStages][128][128], swizzled
   T* b_tile = reinterpret_cast<T*>(shared_raw + kStages * kDyStageBytes);            // [group columns][kRankPitch]
@@ -233,6 +234,7 @@ struct FinalizeDyPassParams {
 
 template <typename TB, typename T>
 __global__ void __launch_bounds__(256) finalize_dy_pass_kernel(const FinalizeDyPassParams p) {
+  wait_for_preceding_kernel();  // launched as a programmatic dependent (dependent_launch.h): nothing read before
   if (blockIdx.x < p.b_blocks) {
     finalize_token_reduce_block<TB>(p.partials_b, p.splits, p.columns, p.columns_padded, p.rank, p.rpad,
                                     static_cast<TB*>(p.grad_b), p.grad_b_stride_c, p.grad_b_stride_j,
@@ -245,7 +247,7 @@ __global__ void __launch_bounds__(256) finalize_dy_pass_kernel(const FinalizeDyP
 
 // Launches finalize_dy_pass_kernel for grad_B (any floating dtype and strides) and grad_activation (+ `rounded` in T).
 template <typename T>
-void launch_finalize_dy_pass(FinalizeDyPassParams p, at::Tensor& grad_B, cudaStream_t stream) {
+void launch_finalize_dy_pass(FinalizeDyPassParams p, at::Tensor& grad_B) {
   p.grad_b = grad_B.data_ptr();
   p.grad_b_stride_c = grad_B.stride(0);
   p.grad_b_stride_j = grad_B.stride(1);
@@ -255,8 +257,7 @@ void launch_finalize_dy_pass(FinalizeDyPassParams p, at::Tensor& grad_B, cudaStr
   LORA_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "lora_ext: too many tokens (", p.tokens,
              ") or features (", p.columns, ")");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_B.scalar_type(), "finalize_dy_pass", [&] {
-    finalize_dy_pass_kernel<scalar_t, T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_dependent(finalize_dy_pass_kernel<scalar_t, T>, dim3(static_cast<unsigned>(blocks)), dim3(256), 0, p);
   });
 }
 
@@ -348,7 +349,6 @@ bool launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::T
   p.tokens_per_split = tokens_per_split;
   p.columns_padded = columns_padded;
   p.alpha = static_cast<float>(alpha);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // More than 48 KB of shared memory must be asked for, once per device and instantiation.
   static std::once_flag raised[64];
   const int device = c10::cuda::current_device();
@@ -361,9 +361,8 @@ bool launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::T
   } else {
     raise_limit();
   }
-  lora_dy_pass_kernel<T, TB>
-      <<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), kThreads, kSharedBytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_dependent(lora_dy_pass_kernel<T, TB>, dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)),
+                   dim3(kThreads), kSharedBytes, p);
 
   // dB: the splits' partials added in order, written in grad_B's dtype and layout; dxa: the column groups' partials
   // added in order. One launch for both.
@@ -379,7 +378,7 @@ bool launch_dy_pass(at::Tensor& grad_activation, at::Tensor& grad_B, const at::T
   f.rounded = rounded;
   f.rank = static_cast<int>(rank);
   f.rpad = kRankPad;
-  launch_finalize_dy_pass<T>(f, grad_B, stream);
+  launch_finalize_dy_pass<T>(f, grad_B);
   return rounded.out != nullptr;
 }
 

@@ -37,7 +37,9 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "async_copy.cuh"
 #include "cluster_launch.h"
+#include "dependent_launch.h"
 #include "sm90_primitives.cuh"
 
 namespace lora_ext {
@@ -315,6 +317,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_barrier_init();
   }
   cluster_sync();  // the peer's barriers exist before any copy or arrival names them
+  // Launched as a programmatic dependent (dependent_launch.h): the set-up above overlapped the kernel ahead's end; its
+  // outputs (the rank-r operand among them) are read only after this.
+  wait_for_preceding_kernel();
 
   const int pair_tiles = shape.row_pairs * shape.column_tiles;
 
@@ -658,9 +663,12 @@ at::Tensor launch_gemm(const at::Tensor& left, const at::Tensor& right, const c1
     // As many clusters as fit at once (not every SM pair can host one), or fewer if there are fewer tiles.
     const int clusters = kernel_clusters<T, kRight, kDropout>();
     LORA_CHECK(clusters > 0, "lora_ext: the fused Hopper GEMM cannot run on this GPU (its usable check said so)");
-    cudaLaunchAttribute cluster;
-    const cudaLaunchConfig_t config =
-        launch_config(static_cast<unsigned>(std::min(pair_tiles, clusters)), at::cuda::getCurrentCUDAStream(), &cluster);
+    cudaLaunchAttribute attributes[2];
+    cudaLaunchConfig_t config =
+        launch_config(static_cast<unsigned>(std::min(pair_tiles, clusters)), at::cuda::getCurrentCUDAStream(), attributes);
+    attributes[1] = programmatic_stream_serialization();
+    // kernel_clusters() asked for its sm_90a image already, whose wait is real.
+    if (dependent_launch_wanted() && dependent_launch_enabled()) config.numAttrs = 2;
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, lora_gemm_sm90_kernel<T, kRight, kDropout>, left_map, right_map,
                                       left_rank_map, right_rank_map, out_map,
                                       has_bias ? bias->data_ptr<T>() : nullptr, shape, dropout));

@@ -18,6 +18,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <mma.h>
 
+#include "async_copy.cuh"
+#include "dependent_launch.h"
 #include "rounded_copy.cuh"
 #include "wmma_tiles.cuh"
 
@@ -51,6 +53,7 @@ __global__ void __launch_bounds__(128) lora_shrink_wmma_kernel(const ShrinkParam
   using MmaT = typename WmmaType<T>::type;
   if constexpr (!WmmaType<T>::kCompiled) __trap();  // never launched there (wmma_dtype_usable)
   static_assert(RPAD % 16 == 0 && RPAD <= 64, "RPAD must be 16, 32, 48 or 64");
+  wait_for_preceding_kernel();  // launched as a programmatic dependent (dependent_launch.h): nothing read before
   __shared__ __align__(32) T x_tile[kWarps][16][kPitch];
   __shared__ __align__(32) T w_tile[kWarps][RPAD][kPitch];
 
@@ -218,13 +221,12 @@ void launch_shrink_wmma(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   auto launch = [&](auto rpad_tag) {
     constexpr int RPAD = decltype(rpad_tag)::value;
     if (k_contiguous) {
-      lora_shrink_wmma_kernel<T, TW, RPAD, DROPOUT, true>
-          <<<static_cast<unsigned>(blocks), 128, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+      launch_dependent(lora_shrink_wmma_kernel<T, TW, RPAD, DROPOUT, true>, dim3(static_cast<unsigned>(blocks)),
+                       dim3(128), 0, p);
     } else {
-      lora_shrink_wmma_kernel<T, TW, RPAD, DROPOUT, false>
-          <<<static_cast<unsigned>(blocks), 128, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+      launch_dependent(lora_shrink_wmma_kernel<T, TW, RPAD, DROPOUT, false>, dim3(static_cast<unsigned>(blocks)),
+                       dim3(128), 0, p);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (p.rank <= 16) {
     launch(std::integral_constant<int, 16>{});

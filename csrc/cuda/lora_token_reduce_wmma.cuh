@@ -18,6 +18,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <mma.h>
 
+#include "async_copy.cuh"
+#include "dependent_launch.h"
 #include "dropout_keep_bytes.cuh"
 #include "lora_token_reduce.cuh"
 #include "rounded_copy.cuh"
@@ -38,6 +40,7 @@ __global__ void __launch_bounds__(128) lora_token_reduce_wmma_kernel(const Token
   using namespace nvcuda;
   using MmaT = typename WmmaType<T>::type;
   if constexpr (!WmmaType<T>::kCompiled) __trap();  // never launched there (wmma_dtype_usable)
+  wait_for_preceding_kernel();  // launched as a programmatic dependent (dependent_launch.h): nothing read before
   constexpr int kRightPitch = RPAD + 8;
   __shared__ __align__(32) T matrix_tile[kTokens][kPitch];
   __shared__ __align__(32) T right_tile[kTokens][kRightPitch];
@@ -190,6 +193,7 @@ __global__ void __launch_bounds__(256)
     finalize_token_reduce_kernel(const float* __restrict__ partials, int64_t splits, int64_t columns,
                                  int64_t columns_padded, int rank, int rpad, TOut* out, int64_t out_stride_c,
                                  int64_t out_stride_j, bool columns_fastest, RoundedCopy rounded = {}) {
+  wait_for_preceding_kernel();  // launched as a programmatic dependent (dependent_launch.h): nothing read before
   finalize_token_reduce_block<TOut, TRounded>(partials, splits, columns, columns_padded, rank, rpad, out, out_stride_c,
                                               out_stride_j, columns_fastest, rounded, blockIdx.x);
 }
@@ -247,8 +251,7 @@ void launch_token_reduce_wmma(at::Tensor& out, const at::Tensor& matrix, const a
   const dim3 grid(static_cast<unsigned>(column_tiles), static_cast<unsigned>(splits));
   auto launch = [&](auto rpad_tag) {
     constexpr int RPAD = decltype(rpad_tag)::value;
-    lora_token_reduce_wmma_kernel<T, RPAD, DROPOUT><<<grid, 128, 0, at::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_dependent(lora_token_reduce_wmma_kernel<T, RPAD, DROPOUT>, grid, dim3(128), 0, p);
   };
   if (rpad == 16) {
     launch(std::integral_constant<int, 16>{});
@@ -261,10 +264,10 @@ void launch_token_reduce_wmma(at::Tensor& out, const at::Tensor& matrix, const a
   const int64_t blocks = (columns + kFinalizeColumns - 1) / kFinalizeColumns;
   LORA_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "lora_ext: too many features (", columns, ")");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "finalize_token_reduce", [&] {
-    finalize_token_reduce_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-        partials.data_ptr<float>(), splits, columns, column_tiles * kCols, static_cast<int>(rank),
-        static_cast<int>(rpad), out.data_ptr<scalar_t>(), out.stride(0), out.stride(1), columns_fastest);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_dependent(finalize_token_reduce_kernel<scalar_t>, dim3(static_cast<unsigned>(blocks)), dim3(256), 0,
+                     partials.data_ptr<float>(), splits, columns, column_tiles * kCols, static_cast<int>(rank),
+                     static_cast<int>(rpad), out.data_ptr<scalar_t>(), out.stride(0), out.stride(1), columns_fastest,
+                     RoundedCopy{});
   });
 }
 

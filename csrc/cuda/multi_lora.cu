@@ -29,6 +29,7 @@
 
 #include "../checks.h"
 #include "../no_autocast.h"
+#include "dependent_launch.h"
 #include "lora_decode.cuh"
 #include "lora_gemm_launch.cuh"
 #include "lora_gemm_sm90.h"
@@ -134,13 +135,6 @@ std::pair<int64_t, int64_t> split_in_dimension(int64_t blocks, int64_t units, in
   const int64_t wanted = std::max<int64_t>(1, (2 * sms + blocks - 1) / blocks);
   const int64_t per_split = std::max<int64_t>(std::min(min_units, units), (units + wanted - 1) / wanted);
   return {(units + per_split - 1) / per_split, per_split};
-}
-
-// LORA_EXT_PDL=0 launches the decoding cluster kernel as an ordinary stream successor of the base GEMM (a benchmark
-// compares both in one process).
-bool dependent_launch_enabled() {
-  const char* setting = std::getenv("LORA_EXT_PDL");
-  return setting == nullptr || std::strcmp(setting, "0") != 0;
 }
 
 // Decoding on Hopper: shrink and expand in one clustered launch (multi_lora_gather_cluster_kernel), or false where

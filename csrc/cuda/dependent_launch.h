@@ -10,11 +10,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
-#include <array>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <utility>
 
 #include "cluster_launch.h"
@@ -58,17 +58,17 @@ class DependentLaunchScope {
   bool previous_;
 };
 
-// Whether a kernel of this type may be launched as a dependent on the current device: an sm_90+ GPU, and the loaded
-// image of `kernel` is sm_90+ code, whose wait_for_preceding_kernel() is real (a PTX image of an older architecture,
-// JIT-compiled here, would compile it away and race its predecessor). Decided once per device and kernel type; the
-// kernels sharing a type are instantiations compiled for the same architectures.
-template <typename Kernel>
-bool dependent_launch_supported(Kernel kernel) {
-  constexpr int kMaxDevices = 64;
-  static std::array<std::atomic<int>, kMaxDevices> decided{};  // 0: not yet, 1: yes, 2: no
-  const int device = c10::cuda::current_device();
-  std::atomic<int>* slot = device < kMaxDevices ? &decided[device] : nullptr;
-  if (slot != nullptr && slot->load() != 0) return slot->load() == 1;
+// Whether `kernel` may be launched as a dependent on the current device: an sm_90+ GPU, and the loaded image of this
+// kernel is sm_90+ code, whose wait_for_preceding_kernel() is real (a PTX image of an older architecture, JIT-compiled
+// here, would compile it away and race its predecessor). Decided once per kernel and device. It cannot see whether the
+// kernel calls the wait at all: every kernel launched through launch_dependent must, before any global access.
+inline bool dependent_launch_supported(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, bool> decided;
+  const auto key = std::make_pair(kernel, static_cast<int>(c10::cuda::current_device()));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto known = decided.find(key);
+  if (known != decided.end()) return known->second;
   bool supported = false;
   if (at::cuda::getCurrentDeviceProperties()->major >= 9) {
     const cudaError_t pending = cudaPeekAtLastError();  // not ours to clear
@@ -76,7 +76,7 @@ bool dependent_launch_supported(Kernel kernel) {
     supported = cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.ptxVersion >= 90;
     if (pending == cudaSuccess) (void)cudaGetLastError();  // a refused query is an answer (launch as usual)
   }
-  if (slot != nullptr) slot->store(supported ? 1 : 2);
+  decided.emplace(key, supported);
   return supported;
 }
 
@@ -91,7 +91,8 @@ void launch_dependent(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size
   config.dynamicSmemBytes = shared_bytes;
   config.stream = at::cuda::getCurrentCUDAStream();
   cudaLaunchAttribute attribute = programmatic_stream_serialization();
-  if (dependent_launch_wanted() && dependent_launch_enabled() && dependent_launch_supported(kernel)) {
+  if (dependent_launch_wanted() && dependent_launch_enabled() &&
+      dependent_launch_supported(reinterpret_cast<const void*>(kernel))) {
     config.attrs = &attribute;
     config.numAttrs = 1;
   }

@@ -667,7 +667,8 @@ at::Tensor launch_gemm(const at::Tensor& left, const at::Tensor& right, const c1
     cudaLaunchConfig_t config =
         launch_config(static_cast<unsigned>(std::min(pair_tiles, clusters)), at::cuda::getCurrentCUDAStream(), attributes);
     attributes[1] = programmatic_stream_serialization();
-    // kernel_clusters() asked for its sm_90a image already, whose wait is real.
+    // No dependent_launch_supported() here: kernel_clusters() accepted this kernel only with its sm_90a image loaded
+    // (≥ 128 registers; every other image is the few-register __trap stub), and that image's wait is real.
     if (dependent_launch_wanted() && dependent_launch_enabled()) config.numAttrs = 2;
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, lora_gemm_sm90_kernel<T, kRight, kDropout>, left_map, right_map,
                                       left_rank_map, right_rank_map, out_map,

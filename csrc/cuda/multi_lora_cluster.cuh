@@ -166,7 +166,12 @@ __global__ void __launch_bounds__(kGatherClusterThreads) multi_lora_gather_clust
   const int part = static_cast<int>(cluster.block_rank());
   const int64_t t = blockIdx.y;
   const int a = slot_of<IdT>(p.ids, t, p.adapters);
-  if (a < 0) return;  // the whole cluster (one token) leaves together, before any cluster barrier
+  if (a < 0) {  // the whole cluster (one token) leaves together, before any cluster barrier
+    // A dependent launch still waits: a kernel launched as this one's dependent is ordered after the base GEMM only
+    // through this kernel's wait, and would otherwise miss it where every token is on the base alone.
+    if (p.dependent_launch) wait_for_preceding_kernel();
+    return;
+  }
   if (threadIdx.x == 0) {
     mbarrier_init(&partials_ready, 1);
     fence_barrier_init();

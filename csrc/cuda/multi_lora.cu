@@ -237,7 +237,6 @@ void launch_tiles(MultiLoraParams p, const at::Tensor& x) {
 template <typename T, typename IdT>
 at::Tensor launch_tiles_fused(MultiLoraParams p, const at::Tensor& x, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, const at::Tensor& lora_B_stack) {
-  const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t shrink_tiles = (p.tokens + kTileShrinkRows - 1) / kTileShrinkRows;
   const at::Tensor partial = tile_shrink_workspace(p, x, shrink_tiles);
   const int64_t pairs = (p.tokens + kMultiLoraPairRows - 1) / kMultiLoraPairRows;
@@ -251,20 +250,19 @@ at::Tensor launch_tiles_fused(MultiLoraParams p, const at::Tensor& x, const at::
   at::Tensor y;
   dispatch_rank_pad(p.rank, [&](auto rpad_tag) {
     constexpr int RPAD = decltype(rpad_tag)::value;
-    multi_lora_tile_shrink_kernel<T, T, IdT, RPAD>
-        <<<dim3(static_cast<unsigned>(shrink_tiles), static_cast<unsigned>(p.splits)), 128, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    multi_lora_pair_passes_kernel<T, IdT><<<static_cast<unsigned>(pairs), kMultiLoraPairRows, 0, stream>>>(
-        p, pair_passes.data_ptr<int32_t>(), pair_slot_list.data_ptr<int32_t>(), xs_by_pass.data_ptr<T>(),
-        xs_by_pass.stride(0));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Each kernel, the GEMM too, as the programmatic dependent of the one before where the call is large enough
+    // (multi_lora_forward_cuda's DependentLaunchScope).
+    launch_dependent(multi_lora_tile_shrink_kernel<T, T, IdT, RPAD>,
+                     dim3(static_cast<unsigned>(shrink_tiles), static_cast<unsigned>(p.splits)), dim3(128), 0, p);
+    launch_dependent(multi_lora_pair_passes_kernel<T, IdT>, dim3(static_cast<unsigned>(pairs)),
+                     dim3(kMultiLoraPairRows), 0, p, pair_passes.data_ptr<int32_t>(),
+                     pair_slot_list.data_ptr<int32_t>(), xs_by_pass.data_ptr<T>(), xs_by_pass.stride(0));
     y = fused_multi_lora_gemm(x, weight, bias, xs_by_pass, lora_B_stack.view({p.adapters * p.out, p.rank}),
                               pair_passes, pair_slot_list);
     p.y = y.data_ptr();
     p.pair_passes = pair_passes.data_ptr<int32_t>();
-    multi_lora_tile_expand_kernel<T, T, IdT, RPAD>
-        <<<dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(column_tiles)), 128, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_dependent(multi_lora_tile_expand_kernel<T, T, IdT, RPAD>,
+                     dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(column_tiles)), dim3(128), 0, p);
   });
   return y;
 }
@@ -345,6 +343,9 @@ at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight
   const c10::cuda::CUDAGuard device_guard(x.device());
   const NoAutocast no_autocast;  // at::linear in x's dtype (no_autocast.h)
   const NvtxRange range(op);
+  // The prefill's kernels as programmatic dependents of each other, where the call is large enough
+  // (dependent_launch.h; the decoding kernel's own dependent launch is separate, launch_gather_cluster).
+  const DependentLaunchScope dependent_launch(dependent_launch_pays(d.tokens, d.in_features, d.out_features));
   LORA_CHECK(d.tokens <= INT32_MAX, op, ": at most 2^31 - 1 tokens per call, got ", d.tokens);
   LORA_CHECK(d.adapters <= INT32_MAX, op, ": at most 2^31 - 1 adapter slots, got ", d.adapters);
   // Operands prepared before the base GEMM (usually no copies at all), so that the GEMM is the last launch before

@@ -48,6 +48,7 @@ __global__ void __launch_bounds__(128) multi_lora_tile_shrink_kernel(const Multi
   using MmaT = typename WmmaType<T>::type;
   if constexpr (!WmmaType<T>::kCompiled) __trap();  // never launched there (wmma_dtype_usable)
   static_assert(RPAD % 16 == 0 && RPAD <= 64, "RPAD must be 16, 32, 48 or 64");
+  wait_for_preceding_kernel();  // launched as a programmatic dependent (dependent_launch.h): nothing read before
   __shared__ __align__(32) T x_tile[kWarps][16][kPitch];
   __shared__ __align__(32) T w_tile[kWarps][RPAD][kPitch];
   __shared__ int row_slot[kTileShrinkRows];
@@ -180,6 +181,7 @@ __global__ void __launch_bounds__(128) multi_lora_tile_expand_kernel(const Multi
   using namespace nvcuda;
   using MmaT = typename WmmaType<T>::type;
   if constexpr (!WmmaType<T>::kCompiled) __trap();  // never launched there (wmma_dtype_usable)
+  wait_for_preceding_kernel();  // launched as a programmatic dependent (dependent_launch.h): nothing read before
   constexpr int kPitch = RPAD + 8;
   __shared__ __align__(32) T xa_tile[kTile][kPitch];
   __shared__ __align__(32) T b_tile[kTile][kPitch];  // [o][j]: column-major (j × o) for the MMA
@@ -332,6 +334,7 @@ template <typename T, typename IdT>
 __global__ void __launch_bounds__(kMultiLoraPairRows)
     multi_lora_pair_passes_kernel(const MultiLoraParams p, int32_t* pair_passes, int32_t* pair_slot_list,
                                   T* xs_by_pass, int64_t xs_stride) {
+  wait_for_preceding_kernel();  // launched as a programmatic dependent (dependent_launch.h): nothing read before
   __shared__ int candidate;
   __shared__ int slots[kMultiLoraPairSlots + 1];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMultiLoraPairRows + threadIdx.x;

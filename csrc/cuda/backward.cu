@@ -118,8 +118,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     }
     if (!done) {
       if (dims.tokens > 0) {
-        // dxa[t, j] = s · Σ_o dy[t, o] · B[o, j]
-        shrink<act_t, adapter_t>(grad_activation, grad_y, transposed_B(), scaling, nullptr, 0);
+        // dxa[t, j] = s · Σ_o dy[t, o] · B[o, j]; the dx GEMM's operand keep_scale·dxa too where the kernel writes it
+        // (its leading rows: the rest are rounded here).
+        RoundedCopy rounded;
+        if (fused_grad_x && rounded_copy_enabled()) {
+          rounded = RoundedCopy{scaled_grad_activation.data_ptr(), scaled_grad_activation.stride(0),
+                                static_cast<float>(keep_scale)};
+        }
+        const int64_t rounded_rows =
+            shrink<act_t, adapter_t>(grad_activation, grad_y, transposed_B(), scaling, nullptr, 0, rounded);
+        if (rounded_rows > 0) {
+          finish_lora_gemm_operand(scaled_grad_activation, grad_activation, keep_scale, rounded_rows);
+          scaled_operand_written = true;
+        }
       }
       // dB[o, j] = s · Σ_t dy[t, o] · xa[t, j]
       token_reduce_step<act_t, false>(grad_B, grad_y, activation, scaling);
@@ -132,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     } else if (fused_grad_x && x.scalar_type() != at::kFloat && token_reduce_on_cublas(dims.rank, dims.tokens)) {
       // dA's product goes to cuBLAS here and takes dxa rounded to x's dtype: exactly the dx GEMM's operand
       // (keep_scale is 1 without dropout, so that operand is dxa itself), so it is rounded once for both.
-      finish_lora_gemm_operand(scaled_grad_activation, grad_activation, keep_scale, 0);
+      if (!scaled_operand_written) finish_lora_gemm_operand(scaled_grad_activation, grad_activation, keep_scale, 0);
       scaled_operand_written = true;
       token_reduce_step<act_t, false>(grad_A_t, x, scaled_grad_activation, /*alpha=*/1.0);
     } else {

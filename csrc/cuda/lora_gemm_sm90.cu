@@ -41,6 +41,7 @@
 #include "cluster_launch.h"
 #include "dependent_launch.h"
 #include "sm90_primitives.cuh"
+#include "tensor_map.h"
 
 namespace lora_ext {
 namespace cuda {
@@ -466,43 +467,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// The driver's tensor-map encoder, or nullptr when the driver has none (fused_lora_gemm_usable then says no).
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
-    void* function = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-#if CUDART_VERSION >= 12050
-    const cudaError_t status =
-        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault, &found);
-#else
-    const cudaError_t status = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &function, cudaEnableDefault, &found);
-#endif
-    if (status != cudaSuccess || found != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();  // the refused query's error, not left for the next kernel launch to report
-      return nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
-  }();
-  return encode;
-}
-
 // Tensor map of a (rows × columns) row-major 16-bit matrix, read or written in (box_rows × 64) boxes, 128-byte
-// swizzled.
+// swizzled (tensor_map.h).
 CUtensorMap tile_map(const at::Tensor& t, int64_t columns, uint32_t box_rows) {
-  CUtensorMap map;
-  std::memset(&map, 0, sizeof(map));
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(columns), static_cast<cuuint64_t>(t.size(0))};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(t.stride(0)) * 2};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kTileK), box_rows};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUtensorMapDataType type =
-      t.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  const CUresult result = tensor_map_encoder()(&map, type, 2, t.data_ptr(), dims, strides, box, element_strides,
-                                               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  LORA_CHECK(result == CUDA_SUCCESS, "lora_ext: cuTensorMapEncodeTiled failed (", static_cast<int>(result),
-             ") for a ", t.sizes(), " tensor with strides ", t.strides());
-  return map;
+  return swizzled_tile_map(t.data_ptr(), t.scalar_type(), t.size(0), columns, t.stride(0), box_rows);
 }
 
 cudaLaunchConfig_t launch_config(unsigned clusters, cudaStream_t stream, cudaLaunchAttribute* cluster) {

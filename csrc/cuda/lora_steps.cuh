@@ -19,6 +19,7 @@
 #include "lora_expand_wmma.cuh"
 #include "lora_gemm_launch.cuh"
 #include "lora_shrink.cuh"
+#include "lora_shrink_sm90.h"
 #include "lora_token_reduce.cuh"
 #include "lora_token_reduce_wmma.cuh"
 
@@ -93,6 +94,8 @@ int64_t shrink(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, dou
   const int64_t tokens = x.size(0), rank = w_rk.size(0), k = x.size(1);
   const bool dropout = dropout_seed != nullptr;
   if constexpr (!std::is_same_v<act_t, float>) {
+    // Hopper, where it pays: the copy engine's stream of x through warpgroup MMAs (lora_shrink_sm90.h).
+    if (shrink_sm90(out, x, w_rk, alpha, rounded, dropout_seed, threshold)) return rounded.out != nullptr ? tokens : 0;
     if (shrink_on_cublas(x.scalar_type(), w_rk.scalar_type(), rank, tokens, dropout)) {
       // W rounded to X's type first (a small copy for float32 adapters), as our kernels do when staging it.
       mm_float_out(out, x, w_rk.to(x.scalar_type()).t(), alpha);

@@ -71,6 +71,7 @@ struct ShrinkLayout {
   static constexpr int shared_bytes(int stages) { return stages * kStageBytes + 1024; }  // + alignment slack
   // The consumer warpgroups' (64 × RPAD) float32 partial sums reuse the X stages (at least min_stages of them).
   static constexpr int min_stages(bool dropout) { return dropout ? 8 : 4; }
+  static_assert(kStagesLimit >= default_stages(true) && kStagesLimit >= default_stages(false), "the defaults fit");
   static_assert(consumer_warpgroups(true) * kTileM * RPAD * 4 <= min_stages(true) * kTileXBytes &&
                     consumer_warpgroups(false) * kTileM * RPAD * 4 <= min_stages(false) * kTileXBytes,
                 "the partial sums fit in the X stages");
@@ -82,7 +83,7 @@ struct ShrinkSm90Params {
   int rank;
   int64_t k;
   int k_blocks;  // ⌈K / 64⌉
-  int stages;    // pipeline stages, 4 … kStagesLimit
+  int stages;    // pipeline stages, min_stages … kStagesLimit, a multiple of the consumer warpgroups
   float alpha;
   RoundedCopy rounded;  // in X's dtype
   const int64_t* dropout_seed;  // the mask's (dropout_mask.h), with kDropout
@@ -139,7 +140,7 @@ __global__ void __launch_bounds__(threads_per_block(kDropout), 1)
   using Layout = ShrinkLayout<RPAD, kNMajorW>;
   constexpr int kConsumers = consumer_warpgroups(kDropout);
   constexpr int kThreads = threads_per_block(kDropout);
-  // Static, so that the host can tell this image from the stub of other targets (shrink_sm90_image_loaded).
+  // Static, so that the host can tell this image from the stub of other targets (shrink_sm90_max_splits).
   __shared__ uint64_t full[kMaxStages], empty[kMaxStages];
   extern __shared__ unsigned char shared_raw[];
   // The 128-byte swizzle pattern repeats every 1024 bytes: tiles start on a 1024-byte boundary.
@@ -195,8 +196,10 @@ __global__ void __launch_bounds__(threads_per_block(kDropout), 1)
     const int consumer = role, thread = threadIdx.x % 128;
     uint64_t seed = 0;
     if constexpr (kDropout) seed = static_cast<uint64_t>(*p.dropout_seed);
-    // With several consumer warpgroups, each takes every kConsumers-th stage and frees it as soon as its MMAs are
-    // done (stages > kConsumers, so the producer always has one to refill); alone, it keeps one stage's MMAs in flight.
+    // With several consumer warpgroups, each takes every kConsumers-th K block and frees its stage as soon as its MMAs
+    // are done. The stage count is a multiple of kConsumers, so each stage always belongs to the same warpgroup, which
+    // saw every earlier phase of its barriers (another's stage could pass its parity test a phase early). Alone, the
+    // warpgroup keeps one stage's MMAs in flight.
     int stage = 0, previous_stage = -1;
     uint32_t phase = 0;
     for (int kb = kb_begin; kb < kb_end; ++kb) {
@@ -217,7 +220,9 @@ __global__ void __launch_bounds__(threads_per_block(kDropout), 1)
               *address = drop8(*address, seed, m0 + row, column / 8, p.dropout_threshold);
             }
           }
-          fence_shared_for_copy_engine();  // these writes before the MMAs' reads (the async proxy)
+          // These writes before the MMAs' reads: wgmma reads shared memory through the async proxy, as the copy engine
+          // does (the same fence).
+          fence_shared_for_copy_engine();
           asm volatile("bar.sync %0, 128;" ::"r"(1 + consumer) : "memory");  // the warpgroup's writes all done
         }
 #pragma unroll
@@ -297,7 +302,7 @@ __global__ void __launch_bounds__(threads_per_block(kDropout), 1)
   }
   if (splits > 1) cluster_sync();  // no block leaves while a peer may still read its partial sums
 #else
-  // The other targets of a multi-architecture build: never launched (shrink_sm90_image_loaded refuses them).
+  // The other targets of a multi-architecture build: never launched (shrink_sm90_max_splits refuses them).
   (void)x_map, (void)w_map, (void)p;
   __trap();
 #endif
@@ -327,16 +332,18 @@ bool shrink_sm90_pays(int64_t tokens, int64_t k, int64_t rank, bool dropout) {
   return rank > 16 && tokens >= kShrinkSm90MinTokens && tokens * k < (int64_t{1} << 25);
 }
 
-// Whether the sm_90a image of this kernel is the one loaded on the current device, with its shared memory raised;
-// decided once per device. The other targets' stub has no static shared memory, the real kernel its barriers.
+// 0 where the sm_90a image of this kernel is not the one loaded on the current device; else the most blocks a K-split
+// cluster of it may have there (1, 2, 4 or 8), its shared memory limit raised. Decided once per device. The other
+// targets' stub has no static shared memory, the real kernel its barriers.
 template <typename T, int RPAD, bool kNMajorW, bool kDropout>
-bool shrink_sm90_image_loaded() {
+int shrink_sm90_max_splits() {
   constexpr int kMaxDevices = 64;
-  static std::array<std::atomic<int>, kMaxDevices> decided{};  // 0: not yet; -1: no; 1: yes
+  static std::array<std::atomic<int>, kMaxDevices> decided{};  // 0: not yet; -1: not loaded; > 0: max splits
   const int device = c10::cuda::current_device();
   std::atomic<int>* slot = device < kMaxDevices ? &decided[device] : nullptr;
-  if (slot != nullptr && slot->load() != 0) return slot->load() > 0;
+  if (slot != nullptr && slot->load() != 0) return std::max(slot->load(), 0);
   auto kernel = lora_shrink_sm90_kernel<T, RPAD, kNMajorW, kDropout>;
+  const cudaError_t pending = cudaPeekAtLastError();  // not ours to clear
   cudaFuncAttributes attributes{};
   bool loaded = tensor_map_encoder() != nullptr && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
                 attributes.sharedSizeBytes > 0;
@@ -345,9 +352,28 @@ bool shrink_sm90_image_loaded() {
     loaded = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   Layout::shared_bytes(Layout::kStagesLimit)) == cudaSuccess;
   }
-  if (!loaded) (void)cudaGetLastError();  // a refused query is an answer (the caller's paths run)
-  if (slot != nullptr) slot->store(loaded ? 1 : -1);
-  return loaded;
+  int max_splits = 0;
+  if (loaded) {
+    // The largest K-split cluster this GPU can place (a partitioned GPU may take none of 8 blocks).
+    using Layout = ShrinkLayout<RPAD, kNMajorW>;
+    for (int splits = kMaxSplits; splits >= 2 && max_splits == 0; splits /= 2) {
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(static_cast<unsigned>(splits));
+      config.blockDim = dim3(threads_per_block(kDropout));
+      config.dynamicSmemBytes = Layout::shared_bytes(default_stages(kDropout));
+      cudaLaunchAttribute cluster = cluster_along_x(static_cast<unsigned>(splits));
+      config.attrs = &cluster;
+      config.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) {
+        max_splits = splits;
+      }
+    }
+    if (max_splits == 0) max_splits = 1;
+  }
+  if (pending == cudaSuccess) (void)cudaGetLastError();  // a refused query is an answer (the caller's paths run)
+  if (slot != nullptr) slot->store(loaded ? max_splits : -1);
+  return loaded ? max_splits : 0;
 }
 
 bool copy_engine_rows(const void* data, int64_t row_stride) {
@@ -372,7 +398,8 @@ struct DropoutArgs {
 template <typename T, int RPAD, bool kNMajorW, bool kDropout>
 bool launch_shrink_sm90(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, double alpha,
                         const RoundedCopy& rounded, DropoutArgs dropout) {
-  if (!shrink_sm90_image_loaded<T, RPAD, kNMajorW, kDropout>()) return false;
+  const int max_splits = shrink_sm90_max_splits<T, RPAD, kNMajorW, kDropout>();
+  if (max_splits == 0) return false;
   const int64_t tokens = x.size(0), k = x.size(1), rank = w_rk.size(0);
   const CUtensorMap x_map = swizzled_tile_map(x.data_ptr(), x.scalar_type(), tokens, k, x.stride(0), kTileM);
   CUtensorMap w_map;
@@ -394,13 +421,15 @@ bool launch_shrink_sm90(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   p.stages = default_stages(kDropout);
   if (const char* setting = std::getenv("LORA_EXT_SHRINK_SM90_STAGES")) {
     p.stages = std::min(std::max(std::atoi(setting), Layout::min_stages(kDropout)), Layout::kStagesLimit);
+    p.stages -= p.stages % consumer_warpgroups(kDropout);  // each stage owned by one consumer warpgroup (the kernel)
   }
   p.alpha = static_cast<float>(alpha);
   p.rounded = rounded;
   p.dropout_seed = dropout.seed;
   p.dropout_threshold = dropout.threshold;
   const int64_t row_tiles = (tokens + kTileM - 1) / kTileM;
-  const int splits = k_splits(row_tiles, p.k_blocks, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int splits = std::min(k_splits(row_tiles, p.k_blocks, at::cuda::getCurrentDeviceProperties()->multiProcessorCount),
+                              max_splits);
 
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(row_tiles * splits));
@@ -418,17 +447,30 @@ bool launch_shrink_sm90(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   return true;
 }
 
+// How the copy engine can read W (r × K): rows along K (16-byte pitch), or W = Bᵀ of a row-major B (r % 8 == 0); with
+// `check_address`, from a 16-byte-aligned start.
+enum class WLayout { kNone, kKContiguous, kNContiguous };
+WLayout w_layout(const at::Tensor& w_rk, bool check_address) {
+  const int64_t rank = w_rk.size(0), k = w_rk.size(1);
+  const bool aligned = !check_address || reinterpret_cast<uintptr_t>(w_rk.data_ptr()) % 16 == 0;
+  if (w_rk.stride(1) == 1 && aligned && (rank == 1 || (w_rk.stride(0) % 8 == 0 && w_rk.stride(0) >= k))) {
+    return WLayout::kKContiguous;
+  }
+  if (w_rk.stride(0) == 1 && aligned && rank % 8 == 0 && w_rk.stride(1) % 8 == 0 && w_rk.stride(1) >= rank) {
+    return WLayout::kNContiguous;
+  }
+  return WLayout::kNone;
+}
+
 // The instantiation for w_rk's layout and rank, or false where none takes it. Dropout (on X) serves the forward's
 // x·Aᵀ only: K-contiguous W.
 bool launch_for_layout(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, double alpha,
                        const RoundedCopy& rounded, DropoutArgs dropout) {
   const int64_t rank = w_rk.size(0);
   const auto dtype = x.scalar_type();
-  const bool k_contiguous = w_rk.stride(1) == 1 && reinterpret_cast<uintptr_t>(w_rk.data_ptr()) % 16 == 0 &&
-                            (rank == 1 || w_rk.stride(0) % 8 == 0);
-  const bool n_contiguous = !k_contiguous && w_rk.stride(0) == 1 && rank % 8 == 0 && w_rk.stride(1) >= rank &&
-                            copy_engine_rows(w_rk.data_ptr(), w_rk.stride(1));
-  if (!k_contiguous && (!n_contiguous || dropout.seed != nullptr)) return false;
+  const WLayout layout = w_layout(w_rk, /*check_address=*/true);
+  const bool n_contiguous = layout == WLayout::kNContiguous;
+  if (layout == WLayout::kNone || (n_contiguous && dropout.seed != nullptr)) return false;
 
   auto typed = [&](auto type_tag) {
     using T = decltype(type_tag);
@@ -474,8 +516,14 @@ bool shrink_sm90(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, d
   if (x.stride(1) != 1 || x.stride(0) < k || !copy_engine_rows(x.data_ptr(), x.stride(0))) return false;
   const auto* properties = at::cuda::getDeviceProperties(x.get_device());
   if (properties->major != 9 || properties->minor != 0) return false;
-  // Float32 adapters rounded to x's dtype first (a small copy, with the view's layout), as the other shrinks round
-  // them when staging.
+  // Float32 adapters rounded to x's dtype first (a small copy, with the view's strides where it is dense), as the
+  // other shrinks round them when staging; not made where the copy's layout would not serve either.
+  if (w_rk.scalar_type() != dtype) {
+    // (a dense view keeps its strides through .to(); any other becomes contiguous: rows of K elements)
+    const bool copy_serves = w_rk.is_non_overlapping_and_dense() ? w_layout(w_rk, false) != WLayout::kNone
+                                                                 : (rank == 1 || k % 8 == 0);
+    if (!copy_serves) return false;
+  }
   const at::Tensor w = w_rk.scalar_type() == dtype ? w_rk : w_rk.to(dtype);
   return launch_for_layout(out, x, w, alpha, rounded, DropoutArgs{dropout_seed, dropout_threshold});
 }

@@ -37,11 +37,6 @@ def measure(tokens):
     x = torch.randn(tokens, W, device="cuda", dtype=dt, requires_grad=True)
     dy = torch.randn(tokens, W, device="cuda", dtype=dt)
     base = torch.nn.Linear(W, W, device="cuda", dtype=dt).requires_grad_(False)
-    def fwd(m):
-        def c():
-            with torch.no_grad():
-                return m(x)
-        return c
     def step(m):
         def c():
             m(x).backward(dy)

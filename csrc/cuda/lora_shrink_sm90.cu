@@ -37,7 +37,7 @@
 #include "sm90_narrow_wgmma.cuh"
 #include "sm90_primitives.cuh"
 #include "tensor_map.h"
-#include "../dropout_mask.h"
+#include "wmma_tiles.cuh"
 
 namespace lora_ext {
 namespace cuda {
@@ -91,12 +91,6 @@ struct ShrinkSm90Params {
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ uint32_t cluster_size() {
-  uint32_t size;
-  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(size));
-  return size;
-}
-
 // A float of cluster block `block_rank`'s shared memory, at the offset `local` has in this block's.
 __device__ __forceinline__ float load_cluster_float(const float* local, uint32_t block_rank) {
   float value;
@@ -110,20 +104,6 @@ __device__ __forceinline__ float load_cluster_float(const float* local, uint32_t
       : "r"(shared_address(local)), "r"(block_rank)
       : "memory");
   return value;
-}
-
-// The 8-vector of 16-bit values (columns 8·group … +7 of `row`) with the elements dropout drops zeroed: the same
-// Philox words and 16-bit comparisons as dropout_keep8 (dropout_mask.h: element 2w keeps if the low half of word w
-// reaches the threshold, element 2w + 1 if the high half does), applied to the packed pairs as AND masks.
-__device__ __forceinline__ uint4 drop8(uint4 bits, uint64_t seed, uint64_t row, uint64_t group, uint32_t threshold) {
-  const PhiloxWords words = philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
-                                          static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32),
-                                          static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  auto mask = [threshold](uint32_t word) {
-    return ((word & 0xffffu) >= threshold ? 0x0000ffffu : 0u) | ((word >> 16) >= threshold ? 0xffff0000u : 0u);
-  };
-  return make_uint4(bits.x & mask(words.w[0]), bits.y & mask(words.w[1]), bits.z & mask(words.w[2]),
-                    bits.w & mask(words.w[3]));
 }
 
 __device__ __forceinline__ void mbarrier_arrive_local(uint64_t* barrier) {
@@ -217,7 +197,7 @@ __global__ void __launch_bounds__(threads_per_block(kDropout), 1)
             const int64_t column = static_cast<int64_t>(kb) * kTileK + 8 * c;
             if (column < p.k) {
               uint4* address = reinterpret_cast<uint4*>(x_tile + row * 128 + ((c ^ (row % 8)) * 16));
-              *address = drop8(*address, seed, m0 + row, column / 8, p.dropout_threshold);
+              *address = apply_dropout8_as_masks(*address, seed, m0 + row, column / 8, p.dropout_threshold);
             }
           }
           // These writes before the MMAs' reads: wgmma reads shared memory through the async proxy, as the copy engine

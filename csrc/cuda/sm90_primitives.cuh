@@ -96,6 +96,12 @@ __device__ __forceinline__ uint32_t cluster_count() {
   asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(count));
   return count;
 }
+// Blocks in this block's cluster (1 where the kernel was launched without clusters).
+__device__ __forceinline__ uint32_t cluster_size() {
+  uint32_t size;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(size));
+  return size;
+}
 
 // Every thread of every block of the cluster: what each wrote to shared memory (and its barriers' initialisation)
 // is visible to the others afterwards, and no block leaves while another may still write into its shared memory.

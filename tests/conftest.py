@@ -163,7 +163,20 @@ def make_x(tokens, in_features, dtype, device, layout="contiguous"):
     if layout == "strided":
         big = rand(2 * tokens + 1, 2 * in_features + 1)
         return big[1::2, 1::2][:tokens, :in_features]
+    if layout == "pitched":
+        # A row pitch of in + 8 elements and one row of offset: rows still 16-byte aligned, as the copy engine
+        # (TMA) needs them.
+        big = rand(tokens + 1, in_features + 8)
+        return big[1:, :in_features]
     raise ValueError(layout)
+
+
+def run_and_list_cuda_kernels(call):
+    """call()'s result and the names of the CUDA kernels it ran (torch.profiler), in launch order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        result = call()
+        torch.cuda.synchronize()
+    return result, [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def make_params(in_features, out_features, rank, dtype, adapter_dtype, device, bias=True):

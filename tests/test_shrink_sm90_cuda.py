@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import (assert_bit_identical, assert_rel_close, fused_gemm_serves, lora_reference, make_params,
-                      requires_cuda)
+                      make_x, requires_cuda, run_and_list_cuda_kernels)
 
 pytestmark = [
     requires_cuda,
@@ -44,32 +44,17 @@ DTYPES = [
 ]
 
 
-def _x(tokens, in_features, dtype, layout):
-    if layout == "contiguous":
-        return torch.randn(tokens, in_features, device="cuda").to(dtype)
-    # A row pitch of in + 8 elements and one row of offset: still 16-byte rows, as the copy engine needs.
-    big = torch.randn(tokens + 1, in_features + 8, device="cuda").to(dtype)
-    return big[1:, :in_features]
-
-
-def _kernels(call):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        result = call()
-        torch.cuda.synchronize()
-    return result, [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "pitched"])
 @pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
 @pytest.mark.parametrize("shape", FORWARD_SHAPES)
 def test_forward_shrink(shape, dtype, adapter_dtype, layout, monkeypatch):
     tokens, in_features, rank = shape
-    x = _x(tokens, in_features, dtype, layout)
+    x = make_x(tokens, in_features, dtype, "cuda", layout)
     weight, bias, lora_A, lora_B = make_params(in_features, 96, rank, dtype, adapter_dtype, "cuda")
     forward = lambda: torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, 0.0, None)
 
     monkeypatch.setenv("LORA_EXT_SHRINK_SM90", "force")
-    (y, xa), kernels = _kernels(forward)
+    (y, xa), kernels = run_and_list_cuda_kernels(forward)
     assert any(KERNEL in name for name in kernels), f"the Hopper shrink did not run: {kernels}"
     again_y, again_xa = forward()
     assert_bit_identical(xa, again_xa, "xa, two calls")
@@ -83,7 +68,7 @@ def test_forward_shrink(shape, dtype, adapter_dtype, layout, monkeypatch):
     assert_rel_close(y, reference["y"], dtype, adapter_dtype, name="y")
 
     monkeypatch.setenv("LORA_EXT_SHRINK_SM90", "0")
-    (other_y, other_xa), kernels = _kernels(forward)
+    (other_y, other_xa), kernels = run_and_list_cuda_kernels(forward)
     assert not any(KERNEL in name for name in kernels)
     # (below 512 tokens the other path keeps float32 adapters unrounded: it then differs by A's rounding)
     assert_rel_close(xa, other_xa.double(), torch.float32 if adapter_dtype == dtype else dtype,
@@ -107,7 +92,7 @@ def test_backward_dxa_from_b_as_it_lies(shape, dtype, adapter_dtype, monkeypatch
     _, xa = torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, 0.0, None)
     backward = lambda: torch.ops.lora_ext.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, 0.0, None,
                                                         True)
-    (grad_x, grad_A, grad_B), kernels = _kernels(backward)
+    (grad_x, grad_A, grad_B), kernels = run_and_list_cuda_kernels(backward)
     assert any(KERNEL in name and ", true, false>" in name for name in kernels), f"B not read as it lies: {kernels}"
 
     reference = lora_reference(x, weight, bias, lora_A, lora_B, SCALING, grad_y=grad_y)
@@ -135,7 +120,7 @@ def test_rank_operands_match_the_rounding_kernel(rank, monkeypatch):
                                                                   None, True)
         return y, grad_x, grad_A, grad_B
 
-    (y, grad_x, grad_A, grad_B), kernels = _kernels(step)
+    (y, grad_x, grad_A, grad_B), kernels = run_and_list_cuda_kernels(step)
     assert sum(KERNEL in name for name in kernels) == 2, kernels
     monkeypatch.setenv("LORA_EXT_ROUNDED_COPY", "0")
     separate = step()
@@ -153,7 +138,7 @@ def test_declines_what_the_copy_engine_cannot_read(monkeypatch):
     x = big[:, :in_features]
     weight, bias, lora_A, lora_B = make_params(in_features, 64, rank, torch.bfloat16, torch.bfloat16, "cuda")
     monkeypatch.setenv("LORA_EXT_SHRINK_SM90", "force")
-    (y, xa), kernels = _kernels(
+    (y, xa), kernels = run_and_list_cuda_kernels(
         lambda: torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, 0.0, None))
     assert not any(KERNEL in name for name in kernels)
     expected_xa = x.double() @ lora_A.double().t()
@@ -190,7 +175,7 @@ def test_forward_shrink_with_dropout(shape, dtype, adapter_dtype, stages, monkey
         # Stage counts that are not a multiple of the four consumer warpgroups: rounded down by the launcher (a stage
         # passing between warpgroups would break the barriers' phases).
         monkeypatch.setenv("LORA_EXT_SHRINK_SM90_STAGES", stages)
-    (y, xa), kernels = _kernels(forward)
+    (y, xa), kernels = run_and_list_cuda_kernels(forward)
     assert any(KERNEL in name and ", false, true>" in name for name in kernels), f"no dropout variant: {kernels}"
     again_y, again_xa = forward()
     assert_bit_identical(xa, again_xa, "xa, two calls")
@@ -227,7 +212,7 @@ def test_training_step_with_dropout_matches_the_reference(monkeypatch):
         grads = torch.ops.lora_ext.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, p, seed, True)
         return (y, *grads)
 
-    (y, grad_x, grad_A, grad_B), kernels = _kernels(step)
+    (y, grad_x, grad_A, grad_B), kernels = run_and_list_cuda_kernels(step)
     assert any(KERNEL in name for name in kernels), kernels
     keep = lora_ext.ops.dropout_keep_mask(seed, tokens, in_features, p)
     reference = lora_reference(x, weight, bias, lora_A, lora_B, SCALING, dropout_p=p, keep=keep, grad_y=grad_y)

@@ -20,6 +20,7 @@
 #include "lora_dy_pass.cuh"
 #include "lora_gemm_sm90.h"
 #include "lora_steps.cuh"
+#include "lora_token_reduce_sm90.h"
 #include "nvtx_range.h"
 #include "rounded_copy.cuh"
 
@@ -137,15 +138,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     }
     // dAᵀ[k, j] = Σ_t dropout(x)[t, k] · dxa[t, j]
     if (seed != nullptr) {
-      const bool wrote = token_reduce_step<act_t, true>(grad_A_t, x, grad_activation, keep_scale, seed, threshold,
-                                                        keep_bytes_out(keep_bytes));
+      // On Hopper where it pays, the pass over x streamed by the copy engine with the mask drawn in shared memory
+      // (lora_token_reduce_sm90.h), on the dx GEMM's operand keep_scale·dxa (so alpha = 1).
+      bool done_sm90 = false;
+      if constexpr (!std::is_same_v<act_t, float>) {
+        if (keep_bytes.defined() && dims.tokens > 0) {
+          if (!scaled_operand_written) finish_lora_gemm_operand(scaled_grad_activation, grad_activation, keep_scale, 0);
+          scaled_operand_written = true;
+          done_sm90 = token_reduce_sm90(grad_A_t, x, scaled_grad_activation, 1.0, seed, threshold,
+                                        keep_bytes_out(keep_bytes));
+        }
+      }
+      const bool wrote = done_sm90 || token_reduce_step<act_t, true>(grad_A_t, x, grad_activation, keep_scale, seed,
+                                                                     threshold, keep_bytes_out(keep_bytes));
       if (keep_bytes.defined() && !wrote) launch_dropout_keep_bytes(keep_bytes, dims.in_features, seed, threshold);
     } else if (fused_grad_x && x.scalar_type() != at::kFloat && token_reduce_on_cublas(dims.rank, dims.tokens)) {
       // dA's product goes to cuBLAS here and takes dxa rounded to x's dtype: exactly the dx GEMM's operand
       // (keep_scale is 1 without dropout, so that operand is dxa itself), so it is rounded once for both.
       if (!scaled_operand_written) finish_lora_gemm_operand(scaled_grad_activation, grad_activation, keep_scale, 0);
       scaled_operand_written = true;
-      token_reduce_step<act_t, false>(grad_A_t, x, scaled_grad_activation, /*alpha=*/1.0);
+      if (!token_reduce_sm90(grad_A_t, x, scaled_grad_activation, 1.0, nullptr, 0, KeepBytesOut{})) {
+        token_reduce_step<act_t, false>(grad_A_t, x, scaled_grad_activation, /*alpha=*/1.0);
+      }
     } else {
       token_reduce_step<act_t, false>(grad_A_t, x, grad_activation, keep_scale);
     }

@@ -106,9 +106,6 @@ __device__ __forceinline__ float load_cluster_float(const float* local, uint32_t
   return value;
 }
 
-__device__ __forceinline__ void mbarrier_arrive_local(uint64_t* barrier) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(barrier)) : "memory");
-}
 #endif
 
 template <typename T, int RPAD, bool kNMajorW, bool kDropout>

@@ -109,6 +109,11 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
+// An arrival on a barrier of this block's own (default release semantics), e.g. a consumer freeing a pipeline stage.
+__device__ __forceinline__ void mbarrier_arrive_local(uint64_t* barrier) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(barrier)) : "memory");
+}
+
 // An arrival on the barrier at this barrier's offset in cluster block `block_rank` (this block's own included).
 // Default (CTA-scope) release semantics, as CUTLASS's ClusterBarrier: a cluster-scope release here costs a fence per
 // stage that measured 1.6× the whole kernel's time (docs/perf-notes.md v8).

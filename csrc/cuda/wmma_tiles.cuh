@@ -148,6 +148,26 @@ __device__ __forceinline__ uint4 apply_dropout8_as_masks(uint4 bits, uint64_t se
                     bits.w & mask(words.w[3]));
 }
 
+// apply_dropout8_as_masks that also returns the keep byte (dropout_keep8's bits, from the same Philox words), for a
+// kernel that writes the mask's keep bytes for another to read (the Hopper token reduction, lora_token_reduce_sm90.cu).
+__device__ __forceinline__ uint4 apply_dropout8_as_masks_with_keep(uint4 bits, uint64_t seed, uint64_t row,
+                                                                   uint64_t group, uint32_t threshold,
+                                                                   unsigned& keep) {
+  const PhiloxWords words = philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
+                                          static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32),
+                                          static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  uint32_t masks[4];
+  keep = 0;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const bool low = (words.w[w] & 0xffffu) >= threshold, high = (words.w[w] >> 16) >= threshold;
+    masks[w] = (low ? 0x0000ffffu : 0u) | (high ? 0xffff0000u : 0u);
+    keep |= (low ? 1u : 0u) << (2 * w);
+    keep |= (high ? 1u : 0u) << (2 * w + 1);
+  }
+  return make_uint4(bits.x & masks[0], bits.y & masks[1], bits.z & masks[2], bits.w & masks[3]);
+}
+
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Whether a rank-contiguous (rows × r) operand's rows can be read 8 ranks per 16-byte load.

@@ -126,6 +126,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+    // The warp whole again before the block's barriers below: its other lanes skipped the loop, and a barrier
+    // (bar.sync, .aligned) must be reached by all of a warp's threads together.
+    __syncwarp();
   } else {
     const int consumer = role, thread = threadIdx.x % 128;
     uint64_t seed = 0;

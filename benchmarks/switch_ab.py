@@ -1,7 +1,7 @@
 """Training steps of LoRALinear under the settings of one environment switch, toggled call by call in one process
 (GPU only; the switches are read per call):
 
-    python benchmarks/switch_ab.py LORA_EXT_CUBLAS_TOKEN_REDUCE --values 0,auto --tokens 8192,4096 --ranks 4,16,64
+    python benchmarks/switch_ab.py LORA_EXT_TOKEN_REDUCE_SM90 --values 0,auto --tokens 8192,4096 --dropout 0.05
     python benchmarks/switch_ab.py LORA_EXT_SHRINK_SM90 --values 0,auto --dropout 0,0.05
     python benchmarks/switch_ab.py - --values auto,LORA_EXT_SHRINK_SM90=1+LORA_EXT_CUBLAS_MIN_RANK=1000 --ranks 64
 
@@ -14,6 +14,7 @@ benchmark of record.
 import argparse
 import json
 import os
+import re
 import statistics
 
 import torch
@@ -60,7 +61,9 @@ def kernel_times(call, steps=10):
     per_kernel = {}
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel.setdefault(event.name[:60], []).append(event.device_time_total)
+            # Without the namespaces every kernel of ours shares, so that the names tell the kernels apart.
+            name = re.sub(r"^void |lora_ext::cuda::|\(anonymous namespace\)::", "", event.name)
+            per_kernel.setdefault(name[:60], []).append(event.device_time_total)
     total = sum(sum(v) for v in per_kernel.values()) / steps
     top = sorted(((sum(v) / steps, name, len(v) // steps) for name, v in per_kernel.items()), reverse=True)
     return total, sum(n for _, _, n in top), top
@@ -103,7 +106,7 @@ def measure(args, tokens):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("switch", help="the environment variable to toggle, e.g. LORA_EXT_CUBLAS_TOKEN_REDUCE")
+    parser.add_argument("switch", help="the environment variable to toggle, e.g. LORA_EXT_SHRINK_SM90 ('-' with A=1+B=0 values)")
     parser.add_argument("--values", default="0,auto", help="comma-separated settings; 'auto' = unset")
     parser.add_argument("--tokens", default="8192")
     parser.add_argument("--ranks", default="16,64")

@@ -1,11 +1,11 @@
 """The Hopper dA reduction (csrc/cuda/lora_token_reduce_sm90.cu), with dropout and without:
 dAᵀ = Σ_t keep(x)ᵀ · (keep_scale·dxa), x and the dx GEMM's operand streamed by the copy engine through warpgroup MMAs
 (both read as they lie: x's tile the MN-major A operand, dxa's the N-major B), the mask drawn in shared memory and its
-keep bytes written for the fused dx GEMM. LORA_EXT_TOKEN_REDUCE_SM90=force takes it at every size and rank (by
-default: dropout, r 17–64, from 4096 tokens) and LORA_EXT_FUSED_GEMM=force the fused dx GEMM that reads the keep
-bytes, so small shapes reach the edges: one column
-group and partial ones (a last group of 8 columns), partial token blocks, token splits, ranks 1–64, float32 adapters,
-x with a row pitch and an offset.
+keep bytes written for the fused dx GEMM. LORA_EXT_TOKEN_REDUCE_SM90=force takes it at every size and rank (unset it
+is off for now; =auto: dropout, r 17–64, from 4096 tokens) and LORA_EXT_FUSED_GEMM=force the fused dx GEMM that reads
+the keep bytes, so small shapes reach the edges: one column
+group and partial ones (a last group of 8 columns), partial token blocks, token splits, the 12-stage ring wrapping
+(26 token blocks per block), ranks 1–64, float32 adapters, x with a row pitch and an offset.
 
 On small-integer inputs (every sum exact) dA and dx equal the float64 reference bit for bit; on random inputs the
 gradients are checked against the float64 reference with the mask dropout_keep_mask reports for the seed, dx bit for
@@ -38,8 +38,9 @@ SHAPES = [
     pytest.param((4099, 520, 136, 32), id="column-tail-8-token-tail-r32"),
     pytest.param((200, 1032, 264, 1), id="r1"),
     pytest.param((2048, 256, 128, 8), id="r8-many-splits"),
-    # more column groups than SMs: one split, 32 token blocks per block (the 12-stage ring wraps twice)
-    pytest.param((2000, 9216, 96, 40), id="144-column-groups-ring-wraps"),
+    pytest.param((2000, 9216, 96, 40), id="144-column-groups"),
+    # one column group, 8 splits of 26 token blocks: the 12-stage ring wraps twice (as in a training step's 64)
+    pytest.param((13000, 64, 96, 32), id="ring-wraps-26-token-blocks"),
 ]
 
 DTYPES = [
@@ -65,8 +66,9 @@ def _small_integers(shape, low, high, dtype):
 EXACT_SHAPES = [
     pytest.param((65, 64, 32, 16), id="one-column-group-token-tail"),
     pytest.param((4099, 520, 32, 32), id="column-tail-8-token-tail-r32"),
-    pytest.param((2000, 9216, 32, 40), id="144-column-groups-ring-wraps"),
+    pytest.param((2000, 9216, 32, 40), id="144-column-groups"),
     pytest.param((700, 1024, 32, 64), id="r64"),
+    pytest.param((13000, 64, 32, 32), id="ring-wraps-26-token-blocks"),
 ]
 
 
@@ -141,13 +143,14 @@ def test_dropout_gradients(shape, dtype, adapter_dtype, layout, monkeypatch):
     assert_rel_close(grad_A, other_A.double(), dtype, adapter_dtype, name="dA against the tensor-core reduction")
 
 
-@pytest.mark.parametrize("rank,dropout_p,tokens,expected", [
+@pytest.mark.parametrize("setting", [None, "auto"], ids=["unset", "auto"])
+@pytest.mark.parametrize("rank,dropout_p,tokens,pays", [
     (32, 0.05, 4096, True), (32, 0.05, 4095, False), (16, 0.05, 4096, False), (32, 0.0, 4096, False)],
     ids=["r32-4096", "r32-4095", "r16-4096", "r32-no-dropout"])
-def test_default_routing(rank, dropout_p, tokens, expected, monkeypatch):
-    """Unset, the switch takes the Hopper reduction with dropout at ranks 17–64 from 4096 tokens (not at r ≤ 16, below
-    4096 tokens or without dropout), and the gradients match the other path: dx and dB bit for bit, dA within
-    rounding."""
+def test_routing(setting, rank, dropout_p, tokens, pays, monkeypatch):
+    """Unset, the switch never takes the Hopper reduction (for now: lora_token_reduce_sm90.cu says why); =auto takes it
+    where it pays, with dropout at ranks 17–64 from 4096 tokens (not at r ≤ 16, below 4096 tokens or without dropout).
+    The gradients match the other path: dx and dB bit for bit, dA within rounding."""
     weight, bias, lora_A, lora_B = make_params(256, 512, rank, torch.bfloat16, torch.bfloat16, "cuda")
     seed = torch.tensor([42 + tokens], dtype=torch.int64, device="cuda") if dropout_p else None
     monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force")
@@ -158,9 +161,12 @@ def test_default_routing(rank, dropout_p, tokens, expected, monkeypatch):
         _, xa = torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, dropout_p, seed)
         return torch.ops.lora_ext.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, dropout_p, seed, True)
 
-    monkeypatch.delenv("LORA_EXT_TOKEN_REDUCE_SM90", raising=False)
+    if setting is None:
+        monkeypatch.delenv("LORA_EXT_TOKEN_REDUCE_SM90", raising=False)
+    else:
+        monkeypatch.setenv("LORA_EXT_TOKEN_REDUCE_SM90", setting)
     (grad_x, grad_A, grad_B), kernels = run_and_list_cuda_kernels(step)
-    assert any(KERNEL in name for name in kernels) == expected, kernels
+    assert any(KERNEL in name for name in kernels) == (pays and setting == "auto"), kernels
     monkeypatch.setenv("LORA_EXT_TOKEN_REDUCE_SM90", "0")
     other_x, other_A, other_B = step()
     assert_bit_identical(grad_x, other_x, "dx")

@@ -138,8 +138,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     }
     // dAᵀ[k, j] = Σ_t dropout(x)[t, k] · dxa[t, j]
     if (seed != nullptr) {
-      // On Hopper where it pays, the pass over x streamed by the copy engine with the mask drawn in shared memory
-      // (lora_token_reduce_sm90.h), on the dx GEMM's operand keep_scale·dxa (so alpha = 1).
+      // On Hopper where its setting admits it (off by default for now), the pass over x streamed by the copy engine
+      // with the mask drawn in shared memory (lora_token_reduce_sm90.h), on the dx GEMM's operand keep_scale·dxa (so
+      // alpha = 1).
       bool done_sm90 = false;
       if constexpr (!std::is_same_v<act_t, float>) {
         if (keep_bytes.defined() && dims.tokens > 0) {

@@ -537,11 +537,6 @@ FusedGemmSetting fused_gemm_setting() {
   return FusedGemmSetting::kAuto;
 }
 
-bool copy_engine_rows(const at::Tensor& t) {
-  return t.dim() == 2 && t.stride(1) == 1 && t.stride(0) % 8 == 0 && t.stride(0) >= t.size(1) &&
-         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-}
-
 // LORA_EXT_FUSED_GRAD_X=0 keeps the backward's dx on cuBLAS + the expand while the forward keeps the fused GEMM
 // (benchmarks compare both in one process).
 bool fused_grad_x_enabled() {

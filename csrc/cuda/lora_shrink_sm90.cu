@@ -356,10 +356,6 @@ int shrink_sm90_max_splits() {
   return loaded ? max_splits : 0;
 }
 
-bool copy_engine_rows(const void* data, int64_t row_stride) {
-  return row_stride % 8 == 0 && reinterpret_cast<uintptr_t>(data) % 16 == 0;
-}
-
 // How many blocks of a cluster split K: row tiles × splits should fill ≈ 0.9 of the SMs, each block keeping ≥ 16 K
 // blocks.
 int k_splits(int64_t row_tiles, int k_blocks, int sms) {
@@ -493,7 +489,7 @@ bool shrink_sm90(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, d
   // Copy coordinates are 32-bit.
   if (tokens > INT32_MAX - kTileM || k > INT32_MAX - kTileK) return false;
   if (!out.is_contiguous() || out.scalar_type() != at::kFloat) return false;
-  if (x.stride(1) != 1 || x.stride(0) < k || !copy_engine_rows(x.data_ptr(), x.stride(0))) return false;
+  if (!copy_engine_rows(x)) return false;
   const auto* properties = at::cuda::getDeviceProperties(x.get_device());
   if (properties->major != 9 || properties->minor != 0) return false;
   // Float32 adapters rounded to x's dtype first (a small copy, with the view's strides where it is dense), as the

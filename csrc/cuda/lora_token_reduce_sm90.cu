@@ -261,12 +261,6 @@ bool token_reduce_sm90_loaded() {
   return loaded;
 }
 
-// Rows the copy engine can read: unit column stride, rows 16-byte aligned and apart, not overlapping.
-bool copy_engine_rows(const at::Tensor& t) {
-  return t.stride(1) == 1 && t.stride(0) % 8 == 0 && (t.size(0) <= 1 || t.stride(0) >= t.size(1)) &&
-         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-}
-
 // Token splits for a grid of `column_groups` × splits one-block-per-SM blocks: the count (1–8, ≥ one token block per
 // split) whose last wave is fullest, the fewer splits on a tie (each split adds a partial to the finalize's sum).
 int token_splits(int64_t column_groups, int token_blocks, int64_t sms) {

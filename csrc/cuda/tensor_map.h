@@ -58,5 +58,12 @@ inline CUtensorMap swizzled_tile_map(const void* data, at::ScalarType dtype, int
   return map;
 }
 
+// Whether the copy engine can read t's rows (a 2-D tensor): unit column stride, rows 16-byte aligned, apart by a
+// multiple of 16 bytes, and not overlapping (the tensor map's row stride is at least a row).
+inline bool copy_engine_rows(const at::Tensor& t) {
+  return t.dim() == 2 && t.stride(1) == 1 && t.stride(0) % 8 == 0 && t.stride(0) >= t.size(1) &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
 }  // namespace cuda
 }  // namespace lora_ext

@@ -1,8 +1,8 @@
 """The Hopper dA reduction (csrc/cuda/lora_token_reduce_sm90.cu), with dropout and without:
 dAᵀ = Σ_t keep(x)ᵀ · (keep_scale·dxa), x and the dx GEMM's operand streamed by the copy engine through warpgroup MMAs
 (both read as they lie: x's tile the MN-major A operand, dxa's the N-major B), the mask drawn in shared memory and its
-keep bytes written for the fused dx GEMM. LORA_EXT_TOKEN_REDUCE_SM90=force takes it at every size and rank (unset it
-is off for now; =auto: dropout, r 17–64, from 4096 tokens) and LORA_EXT_FUSED_GEMM=force the fused dx GEMM that reads
+keep bytes written for the fused dx GEMM. LORA_EXT_TOKEN_REDUCE_SM90=force takes it at every size and rank (unset or
+=auto: dropout, r 17–64, from 4096 tokens) and LORA_EXT_FUSED_GEMM=force the fused dx GEMM that reads
 the keep bytes, so small shapes reach the edges: one column
 group and partial ones (a last group of 8 columns), partial token blocks, token splits, the 12-stage ring wrapping
 (26 token blocks per block), ranks 1–64, float32 adapters, x with a row pitch and an offset.
@@ -143,13 +143,13 @@ def test_dropout_gradients(shape, dtype, adapter_dtype, layout, monkeypatch):
     assert_rel_close(grad_A, other_A.double(), dtype, adapter_dtype, name="dA against the tensor-core reduction")
 
 
-@pytest.mark.parametrize("setting", [None, "auto"], ids=["unset", "auto"])
+@pytest.mark.parametrize("setting", [None, "auto", "0"], ids=["unset", "auto", "off"])
 @pytest.mark.parametrize("rank,dropout_p,tokens,pays", [
     (32, 0.05, 4096, True), (32, 0.05, 4095, False), (16, 0.05, 4096, False), (32, 0.0, 4096, False)],
     ids=["r32-4096", "r32-4095", "r16-4096", "r32-no-dropout"])
 def test_routing(setting, rank, dropout_p, tokens, pays, monkeypatch):
-    """Unset, the switch never takes the Hopper reduction (for now: lora_token_reduce_sm90.cu says why); =auto takes it
-    where it pays, with dropout at ranks 17–64 from 4096 tokens (not at r ≤ 16, below 4096 tokens or without dropout).
+    """Unset or =auto, the switch takes the Hopper reduction where it pays, with dropout at ranks 17–64 from 4096 tokens
+    (not at r ≤ 16, below 4096 tokens or without dropout); =0 never takes it.
     The gradients match the other path: dx and dB bit for bit, dA within rounding."""
     weight, bias, lora_A, lora_B = make_params(256, 512, rank, torch.bfloat16, torch.bfloat16, "cuda")
     seed = torch.tensor([42 + tokens], dtype=torch.int64, device="cuda") if dropout_p else None
@@ -166,7 +166,7 @@ def test_routing(setting, rank, dropout_p, tokens, pays, monkeypatch):
     else:
         monkeypatch.setenv("LORA_EXT_TOKEN_REDUCE_SM90", setting)
     (grad_x, grad_A, grad_B), kernels = run_and_list_cuda_kernels(step)
-    assert any(KERNEL in name for name in kernels) == (pays and setting == "auto"), kernels
+    assert any(KERNEL in name for name in kernels) == (pays and setting != "0"), kernels
     monkeypatch.setenv("LORA_EXT_TOKEN_REDUCE_SM90", "0")
     other_x, other_A, other_B = step()
     assert_bit_identical(grad_x, other_x, "dx")

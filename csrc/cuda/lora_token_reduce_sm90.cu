@@ -215,20 +215,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// LORA_EXT_TOKEN_REDUCE_SM90: unset or 0 = never (for now: below), auto = where it pays (token_reduce_sm90_pays), 1 =
-// from kTokenReduceSm90MinTokens at any rank (the benchmarks), force = from one token (the tests).
-// Off by default until a GPU run has covered the stage ring's wrap: every tested shape gave its blocks at most 9
-// token blocks, fewer than the 12 stages, while a training step's 8192 × 4096 gives 64 (its results were timed, not
-// checked). The loop is the Hopper shrink's, whose tests do wrap; tests/test_token_reduce_sm90_cuda.py's "ring-wraps"
-// shapes (26 token blocks per block) are waiting for that run, after which unset becomes auto (docs/perf-notes.md v22).
+// LORA_EXT_TOKEN_REDUCE_SM90: unset or auto = where it pays (token_reduce_sm90_pays), 0 = never, 1 = from
+// kTokenReduceSm90MinTokens at any rank (the benchmarks), force = from one token (the tests). Unknown values mean auto.
+// The stage ring's wrap is covered by tests/test_token_reduce_sm90_cuda.py's "ring-wraps" shapes (26 token blocks per
+// block against 12 stages; a training step's 8192 × 4096 gives 64), run on an H100 in session 21 (docs/gpu-test-results.md).
 enum class TokenReduceSm90Setting { kOff, kAuto, kOn, kForce };
 TokenReduceSm90Setting token_reduce_sm90_setting() {
   const char* setting = std::getenv("LORA_EXT_TOKEN_REDUCE_SM90");
-  if (setting == nullptr || std::strcmp(setting, "0") == 0) return TokenReduceSm90Setting::kOff;
-  if (std::strcmp(setting, "auto") == 0) return TokenReduceSm90Setting::kAuto;
+  if (setting == nullptr) return TokenReduceSm90Setting::kAuto;
+  if (std::strcmp(setting, "0") == 0) return TokenReduceSm90Setting::kOff;
   if (std::strcmp(setting, "1") == 0) return TokenReduceSm90Setting::kOn;
   if (std::strcmp(setting, "force") == 0) return TokenReduceSm90Setting::kForce;
-  return TokenReduceSm90Setting::kOff;
+  return TokenReduceSm90Setting::kAuto;
 }
 
 // Where it beats the other reductions (H100, bf16, 4096², training steps with dropout 0.05; docs/perf-notes.md v22):

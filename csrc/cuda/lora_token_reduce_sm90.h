@@ -18,8 +18,8 @@ namespace cuda {
 // dropout_seed (nullptr: keep = 1), keep is the forward's mask (dropout_mask.h), and its keep bytes go to keep_out where
 // set. g is the dx GEMM's operand keep_scale·dxa, already rounded to x's dtype: where the tensor-core reduction computes
 // keep_scale · Σ keep·x·dxa, this sums keep·x·round(keep_scale·dxa) (the same up to that rounding).
-// LORA_EXT_TOKEN_REDUCE_SM90 unset or 0: never (for now, lora_token_reduce_sm90.cu says why); =auto: where it pays
-// (token_reduce_sm90_pays: with dropout, ranks 17–64 from 4096 tokens, where the fused dx GEMM runs); =1: from 4096
+// LORA_EXT_TOKEN_REDUCE_SM90 unset or auto: where it pays
+// (token_reduce_sm90_pays: with dropout, ranks 17–64 from 4096 tokens, where the fused dx GEMM runs); =0: never; =1: from 4096
 // tokens at any rank (the benchmarks); =force: from one token (the tests). Without dropout the backward reaches it only
 // where dA would go to cuBLAS (≥ 512 tokens, r ≥ LORA_EXT_CUBLAS_MIN_RANK, 17 by default). Returns false, having done
 // nothing, where it does not take them.

@@ -885,20 +885,24 @@ def test_bad_slot_ids_are_refused_where_they_enter(device):
 
 
 @requires_cuda
+@pytest.mark.parametrize("ranks", [[8, 16, 16, 8, 8, 16], [8, 3, 5, 8, 2, 7], [24, 4, 17, 9, 24, 1]],
+                         ids=["r16", "r8", "r24"])
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-def test_fused_gemm_prefill_matches_reference(monkeypatch, dtype, bias, ids_dtype):
+def test_fused_gemm_prefill_matches_reference(monkeypatch, dtype, bias, ids_dtype, ranks):
     """On Hopper a prefill batch runs as one GEMM (csrc/cuda/lora_gemm_sm90.cu) that adds, per pair of 256 rows, one
     rank-r term per distinct adapter of the pair (up to 4, each from that adapter's rows of xs, zeros elsewhere);
     pairs of more adapters get theirs from the tile expand afterwards. LORA_EXT_FUSED_GEMM=force lifts the GEMM's
     4096-token cutoff; =0 is the cuBLAS + expand path. Both against the float64 per-row reference, pair by pair. A row
     of a pair of at most 4 adapters comes out bit for bit as when the whole batch uses its adapter (the other
-    adapters' K blocks add exact zeros). The same in a captured CUDA graph, replayed with other ids."""
+    adapters' K blocks add exact zeros). Stacks of rank 16, 8 and 24 (the pair kernel's 8-rank chunks: two, one,
+    three; the fused path takes stacks of r % 8 == 0). out = 264 is 5 column tiles of the expand: with 2 per block (the default) the last
+    block has one; LORA_EXT_EXPAND_TILES=1 and 5 give the same y bit for bit. The same in a captured CUDA graph,
+    replayed with other ids."""
     if not fused_gemm_serves():
         pytest.skip("the fused GEMM serves only on a Hopper GPU with an sm_90a build")
     tokens, in_f, out_f = 1356, 520, 264
-    ranks = [8, 16, 16, 8, 8, 16]
     A, B, s = make_stack(ranks, in_f, out_f, dtype, "cuda")
     weight, b = make_base(in_f, out_f, dtype, "cuda", bias)
     x = make_x(tokens, in_f, dtype, "cuda")
@@ -926,6 +930,10 @@ def test_fused_gemm_prefill_matches_reference(monkeypatch, dtype, bias, ids_dtyp
         for lo, hi in [(0, 256), (768, 1024), (1024, 1280)]:  # pairs of at most 4 adapters
             rows = ids[lo:hi] == a
             assert_bit_identical(y[lo:hi][rows], alone[lo:hi][rows], f"rows of slot {a} in {lo}-{hi}")
+    for tiles in ("1", "5"):
+        monkeypatch.setenv("LORA_EXT_EXPAND_TILES", tiles)
+        assert_bit_identical(run_op(x, weight, b, A, B, s, ids), y, f"LORA_EXT_EXPAND_TILES={tiles}")
+    monkeypatch.delenv("LORA_EXT_EXPAND_TILES")
     monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "0")
     y_unfused = run_op(x, weight, b, A, B, s, ids)
     for lo, hi in pairs:

@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     }
     // dAᵀ[k, j] = Σ_t dropout(x)[t, k] · dxa[t, j]
     if (seed != nullptr) {
-      // On Hopper where its setting admits it (off by default for now), the pass over x streamed by the copy engine
+      // On Hopper where its setting admits it (token_reduce_sm90_pays), the pass over x streamed by the copy engine
       // with the mask drawn in shared memory (lora_token_reduce_sm90.h), on the dx GEMM's operand keep_scale·dxa (so
       // alpha = 1).
       bool done_sm90 = false;

@@ -198,6 +198,14 @@ void launch_gather(MultiLoraParams p, const at::Tensor& x) {
   });
 }
 
+// Column tiles per block of the tile expand behind the fused GEMM (multi_lora_tile_expand_kernel says why 2);
+// LORA_EXT_EXPAND_TILES=1…16 sets it (benchmarks compare settings in one process).
+int fused_expand_column_tiles() {
+  const char* setting = std::getenv("LORA_EXT_EXPAND_TILES");
+  const int tiles = setting != nullptr ? std::atoi(setting) : 2;
+  return tiles >= 1 && tiles <= 16 ? tiles : 2;
+}
+
 // The tile shrink's split of the in-dimension and its partial sums (splits × tokens × r, float32), set in p.
 at::Tensor tile_shrink_workspace(MultiLoraParams& p, const at::Tensor& x, int64_t shrink_tiles) {
   const int64_t chunks = (p.in + shrink_detail::kTileK - 1) / shrink_detail::kTileK;
@@ -261,8 +269,10 @@ at::Tensor launch_tiles_fused(MultiLoraParams p, const at::Tensor& x, const at::
                               pair_passes, pair_slot_list);
     p.y = y.data_ptr();
     p.pair_passes = pair_passes.data_ptr<int32_t>();
+    p.expand_column_tiles = fused_expand_column_tiles();
+    const int64_t column_blocks = (column_tiles + p.expand_column_tiles - 1) / p.expand_column_tiles;
     launch_dependent(multi_lora_tile_expand_kernel<T, T, IdT, RPAD>,
-                     dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(column_tiles)), dim3(128), 0, p);
+                     dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(column_blocks)), dim3(128), 0, p);
   });
   return y;
 }

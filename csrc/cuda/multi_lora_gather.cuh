@@ -43,6 +43,7 @@ struct MultiLoraParams {
   // The fused GEMM's row pairs (multi_lora_pair_passes_kernel): the tile expand skips pairs whose terms the GEMM
   // added.
   const int32_t* pair_passes;
+  int expand_column_tiles;  // the tile expand's 64-column tiles per block (0 counts as 1)
   // The decoding cluster kernel with IdT = OneAdapter (single-adapter decoding, forward.cu): no ids and no scalings
   // tensor; every token on slot 0 with this scaling, and x·Aᵀ written out (tokens × rank, float32) for backward.
   float one_adapter_scaling;

@@ -203,6 +203,8 @@ def main():
         # issue 8's "mixed ≤ 1.05× single adapter" cases: 2 and 64 adapters used (8 is above), prefill and decoding
         ("8 seq x prefill, 2 adapters", 8, prefill, 2, 2),
         ("64 seq x prefill/8, 64 adapters", 64, prefill // 8, 64, 64),
+        # short sequences of many adapters: 8 per 256 rows, the most the fused prefill GEMM takes (perf-notes v23)
+        ("128 seq x prefill/16, 64 adapters", 128, prefill // 16, 64, 64),
         ("32 x 1 token, 2 adapters", 32, 1, 2, 2),
         ("64 x 1 token, 64 adapters", 64, 1, 64, 64),
     ]

@@ -885,17 +885,18 @@ def test_bad_slot_ids_are_refused_where_they_enter(device):
 
 
 @requires_cuda
-@pytest.mark.parametrize("ranks", [[8, 16, 16, 8, 8, 16], [8, 3, 5, 8, 2, 7], [24, 4, 17, 9, 24, 1]],
-                         ids=["r16", "r8", "r24"])
+@pytest.mark.parametrize("ranks", [[8, 16, 16, 8, 8, 16, 8, 16, 4, 8], [8, 3, 5, 8, 2, 7, 1, 8, 6, 4],
+                                   [24, 4, 17, 9, 24, 1, 8, 16, 24, 3]], ids=["r16", "r8", "r24"])
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_fused_gemm_prefill_matches_reference(monkeypatch, dtype, bias, ids_dtype, ranks):
     """On Hopper a prefill batch runs as one GEMM (csrc/cuda/lora_gemm_sm90.cu) that adds, per pair of 256 rows, one
-    rank-r term per distinct adapter of the pair (up to 4, each from that adapter's rows of xs, zeros elsewhere);
-    pairs of more adapters get theirs from the tile expand afterwards. LORA_EXT_FUSED_GEMM=force lifts the GEMM's
-    4096-token cutoff; =0 is the cuBLAS + expand path. Both against the float64 per-row reference, pair by pair. A row
-    of a pair of at most 4 adapters comes out bit for bit as when the whole batch uses its adapter (the other
+    rank-r term per distinct adapter of the pair (up to 8 by default, each from that adapter's rows of xs, zeros
+    elsewhere); pairs of more adapters get theirs from the tile expand afterwards. LORA_EXT_FUSED_GEMM=force lifts the
+    GEMM's 4096-token cutoff; =0 is the cuBLAS + expand path; LORA_EXT_PAIR_SLOTS=4 sends the pair of 6 adapters
+    to the expand too. All against the float64 per-row reference, pair by pair. A row
+    of a pair of at most 8 adapters comes out bit for bit as when the whole batch uses its adapter (the other
     adapters' K blocks add exact zeros). Stacks of rank 16, 8 and 24 (the pair kernel's 8-rank chunks: two, one,
     three; the fused path takes stacks of r % 8 == 0). out = 264 is 5 column tiles of the expand: with 2 per block (the default) the last
     block has one; LORA_EXT_EXPAND_TILES=1 and 5 give the same y bit for bit. The same in a captured CUDA graph,
@@ -908,12 +909,12 @@ def test_fused_gemm_prefill_matches_reference(monkeypatch, dtype, bias, ids_dtyp
     x = make_x(tokens, in_f, dtype, "cuda")
     ids = torch.empty(tokens, dtype=torch.int64)
     ids[0:256] = 2                                   # one adapter: one K block more in the GEMM
-    ids[256:512] = torch.randint(-1, 6, (256,))      # six adapters and base rows: more than 4, the expand
-    ids[256:263] = torch.tensor([0, 1, 2, 3, 4, 5, -1])
+    ids[256:512] = torch.randint(-1, 10, (256,))     # ten adapters and base rows: more than 8, the expand
+    ids[256:267] = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, -1])
     ids[512:768] = -1                                # base rows only: nothing
     ids[768:1024] = torch.tensor([4, 1, 3, 0]).repeat_interleave(64)   # exactly four: four K blocks
     ids[1024:1280] = torch.tensor([0, -1, 3, 0]).repeat_interleave(64)  # two and base rows
-    ids[1280:] = torch.tensor([5, 0, 1, 2, 3]).repeat_interleave(16)[:tokens - 1280]  # five (partial pair): expand
+    ids[1280:] = torch.tensor([5, 0, 1, 2, 3, 9]).repeat_interleave(13)[:tokens - 1280]  # six (partial pair)
     ids = ids.to("cuda", ids_dtype)
     ref = reference_by_slot(x, weight, b, A, B, s, ids)
     monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force")
@@ -927,13 +928,19 @@ def test_fused_gemm_prefill_matches_reference(monkeypatch, dtype, bias, ids_dtyp
         assert_rel_close(y[lo:hi], ref[lo:hi], dtype, name=f"rows {lo}-{hi}")
     for a in range(len(ranks)):
         alone = run_op(x, weight, b, A, B, s, torch.full_like(ids, a))
-        for lo, hi in [(0, 256), (768, 1024), (1024, 1280)]:  # pairs of at most 4 adapters
+        for lo, hi in [(0, 256), (768, 1024), (1024, 1280), (1280, tokens)]:  # pairs of at most 8 adapters
             rows = ids[lo:hi] == a
             assert_bit_identical(y[lo:hi][rows], alone[lo:hi][rows], f"rows of slot {a} in {lo}-{hi}")
     for tiles in ("1", "5"):
         monkeypatch.setenv("LORA_EXT_EXPAND_TILES", tiles)
         assert_bit_identical(run_op(x, weight, b, A, B, s, ids), y, f"LORA_EXT_EXPAND_TILES={tiles}")
     monkeypatch.delenv("LORA_EXT_EXPAND_TILES")
+    monkeypatch.setenv("LORA_EXT_PAIR_SLOTS", "4")  # the six-adapter pair (1280…) to the expand as well
+    y_four = run_op(x, weight, b, A, B, s, ids)
+    for lo, hi in pairs:
+        assert_rel_close(y_four[lo:hi], ref[lo:hi], dtype, name=f"rows {lo}-{hi}, 4 slots per pair")
+    assert_bit_identical(y_four[:1280], y[:1280], "the pairs that both settings route alike")
+    monkeypatch.delenv("LORA_EXT_PAIR_SLOTS")
     monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "0")
     y_unfused = run_op(x, weight, b, A, B, s, ids)
     for lo, hi in pairs:

@@ -106,6 +106,7 @@ struct GemmShape {
   // nullptr: one adapter.
   const int32_t* pair_passes;
   const int32_t* pair_slot_list;
+  int pair_slots;     // the most terms a pair may have (pair_slot_list's row length; xs_by_pass's blocks per pair)
   int64_t slot_rows;  // rows of the stack per slot (out)
 };
 
@@ -126,9 +127,9 @@ __device__ __forceinline__ void lora_k_block_origin(const GemmShape& s, int m0, 
     return;
   }
   const int pair = m0 / kMultiLoraPairRows, pass = kb / s.lora_k_blocks;
-  xs_row = (pair * kMultiLoraPairSlots + pass) * kMultiLoraPairRows + m0 % kMultiLoraPairRows;
+  xs_row = (pair * s.pair_slots + pass) * kMultiLoraPairRows + m0 % kMultiLoraPairRows;
   k0 = (kb % s.lora_k_blocks) * kTileK;
-  b_row_offset = static_cast<int64_t>(__ldg(s.pair_slot_list + pair * kMultiLoraPairSlots + pass)) * s.slot_rows;
+  b_row_offset = static_cast<int64_t>(__ldg(s.pair_slot_list + pair * s.pair_slots + pass)) * s.slot_rows;
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -606,17 +607,20 @@ at::Tensor launch_gemm(const at::Tensor& left, const at::Tensor& right, const c1
   shape.column_tiles = static_cast<int>((n + kTileN - 1) / kTileN);
   shape.pair_passes = nullptr;
   shape.pair_slot_list = nullptr;
+  shape.pair_slots = 0;
   shape.slot_rows = n;
   if (pair_passes.defined()) {
     const int64_t pairs = (tokens + kMultiLoraPairRows - 1) / kMultiLoraPairRows;
+    const int64_t slots = pair_slot_list.dim() == 2 ? pair_slot_list.size(1) : 0;
     TORCH_INTERNAL_ASSERT(k_contiguous && pair_passes.scalar_type() == at::kInt && pair_passes.is_contiguous() &&
                           pair_passes.numel() == pairs && pair_slot_list.scalar_type() == at::kInt &&
-                          pair_slot_list.is_contiguous() && pair_slot_list.numel() == pairs * kMultiLoraPairSlots &&
-                          left_rank.size(0) == pairs * kMultiLoraPairSlots * kMultiLoraPairRows &&
+                          pair_slot_list.is_contiguous() && pair_slot_list.size(0) == pairs && slots >= 1 &&
+                          slots <= kMultiLoraMaxPairSlots && left_rank.size(0) == pairs * slots * kMultiLoraPairRows &&
                           right_rank.size(0) % n == 0 && right_rank.size(0) <= INT32_MAX &&
                           left_rank.size(0) <= INT32_MAX);
     shape.pair_passes = pair_passes.data_ptr<int32_t>();
     shape.pair_slot_list = pair_slot_list.data_ptr<int32_t>();
+    shape.pair_slots = static_cast<int>(slots);
   }
   const int pair_tiles = shape.row_pairs * shape.column_tiles;
   const bool has_bias = bias.has_value() && bias->defined();

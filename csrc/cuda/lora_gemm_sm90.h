@@ -29,11 +29,11 @@ at::Tensor fused_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const 
 
 // The same for a batch of several adapters (multi_lora.cu), per pair of kMultiLoraPairRows rows of x (a cluster's
 // two tiles): pair_passes[p] (int32, ⌈tokens / 256⌉) rank-r terms, term i with the B of slot pair_slot_list[p][i]
-// (int32, kMultiLoraPairSlots per pair) from lora_B_rows, the (slots·out × r) stack of every slot's B, and with its
-// own 256 rows of xs_by_pass, rows (p·kMultiLoraPairSlots + i)·256 …: the pair's rows of that slot, s·xa, and zeros
-// for the others. A negative pair_passes[p] leaves the pair's terms out (the caller adds them).
+// (int32, (pairs × S), S ≤ kMultiLoraMaxPairSlots terms at most per pair) from lora_B_rows, the (slots·out × r) stack
+// of every slot's B, and with its own 256 rows of xs_by_pass, rows (p·S + i)·256 …: the pair's rows of that slot,
+// s·xa, and zeros for the others. A negative pair_passes[p] leaves the pair's terms out (the caller adds them).
 constexpr int kMultiLoraPairRows = 256;
-constexpr int kMultiLoraPairSlots = 4;
+constexpr int kMultiLoraMaxPairSlots = 16;
 at::Tensor fused_multi_lora_gemm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                  const at::Tensor& xs_by_pass, const at::Tensor& lora_B_rows,
                                  const at::Tensor& pair_passes, const at::Tensor& pair_slot_list);

@@ -198,6 +198,19 @@ void launch_gather(MultiLoraParams p, const at::Tensor& x) {
   });
 }
 
+// The most adapters a pair of 256 rows may have for the fused GEMM to add their terms (one K block each, mostly zeros:
+// ≈ 1.6% of the pair's GEMM time per term at 4096 wide); pairs of more go to the tile expand, which loops over the
+// slots of each tile of y and costs far more (H100, 4096², r = 16, in a graph: 128 sequences × 32 tokens of 64
+// adapters, 8 per pair, 1.41× the base layer with 4 → 1.28× with 8; 4096 one-token rows of 8 adapters 2.04× → 1.58×;
+// 16 gains nothing more there: docs/perf-notes.md v23). LORA_EXT_PAIR_SLOTS=1…16 sets it. The operand by pass holds
+// max_slots × 256 rows per pair of (r rounded up to 8) 16-bit values: 256 bytes per token at r = 16, 1 KB at r = 64.
+constexpr int kDefaultPairSlots = 8;
+int fused_pair_slots() {
+  const char* setting = std::getenv("LORA_EXT_PAIR_SLOTS");
+  const int slots = setting != nullptr ? std::atoi(setting) : kDefaultPairSlots;
+  return slots >= 1 && slots <= kMultiLoraMaxPairSlots ? slots : kDefaultPairSlots;
+}
+
 // Column tiles per block of the tile expand behind the fused GEMM (multi_lora_tile_expand_kernel says why 2);
 // LORA_EXT_EXPAND_TILES=1…16 sets it (benchmarks compare settings in one process).
 int fused_expand_column_tiles() {
@@ -241,7 +254,7 @@ void launch_tiles(MultiLoraParams p, const at::Tensor& x) {
 // Prefill on Hopper (fused_lora_gemm_usable): the tile shrink; then per 256-row pair its distinct slots and their
 // rank-r operands (multi_lora_pair_passes_kernel); then one GEMM y = x·Wᵀ + b + Σ_passes xs_i·B[slot_i]ᵀ, each pass a
 // K block more (no pass of the expand over y, which cost ≈ a quarter of the base GEMM at 4096 × 4096); last, the tile
-// expand for pairs of more than kMultiLoraPairSlots slots only. Returns y.
+// expand for pairs of more than fused_pair_slots() slots only. Returns y.
 template <typename T, typename IdT>
 at::Tensor launch_tiles_fused(MultiLoraParams p, const at::Tensor& x, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, const at::Tensor& lora_B_stack) {
@@ -249,8 +262,9 @@ at::Tensor launch_tiles_fused(MultiLoraParams p, const at::Tensor& x, const at::
   const at::Tensor partial = tile_shrink_workspace(p, x, shrink_tiles);
   const int64_t pairs = (p.tokens + kMultiLoraPairRows - 1) / kMultiLoraPairRows;
   at::Tensor pair_passes = at::empty({pairs}, x.options().dtype(at::kInt));
-  at::Tensor pair_slot_list = at::empty({pairs, kMultiLoraPairSlots}, x.options().dtype(at::kInt));
-  at::Tensor xs_by_pass = new_lora_gemm_operand(pairs * kMultiLoraPairSlots * kMultiLoraPairRows, p.rank, x.options());
+  const int max_slots = fused_pair_slots();
+  at::Tensor pair_slot_list = at::empty({pairs, max_slots}, x.options().dtype(at::kInt));
+  at::Tensor xs_by_pass = new_lora_gemm_operand(pairs * max_slots * kMultiLoraPairRows, p.rank, x.options());
   const int64_t row_tiles = (p.tokens + kTileExpandRows - 1) / kTileExpandRows;
   const int64_t column_tiles = (p.out + kTileExpandColumns - 1) / kTileExpandColumns;
   LORA_CHECK(p.splits <= 65535 && column_tiles <= 65535, "lora_ext::multi_lora_forward: in_features = ", p.in,
@@ -264,7 +278,8 @@ at::Tensor launch_tiles_fused(MultiLoraParams p, const at::Tensor& x, const at::
                      dim3(static_cast<unsigned>(shrink_tiles), static_cast<unsigned>(p.splits)), dim3(128), 0, p);
     launch_dependent(multi_lora_pair_passes_kernel<T, IdT>, dim3(static_cast<unsigned>(pairs)),
                      dim3(kMultiLoraPairRows), 0, p, pair_passes.data_ptr<int32_t>(),
-                     pair_slot_list.data_ptr<int32_t>(), xs_by_pass.data_ptr<T>(), xs_by_pass.stride(0));
+                     pair_slot_list.data_ptr<int32_t>(), xs_by_pass.data_ptr<T>(), xs_by_pass.stride(0),
+                     max_slots);
     y = fused_multi_lora_gemm(x, weight, bias, xs_by_pass, lora_B_stack.view({p.adapters * p.out, p.rank}),
                               pair_passes, pair_slot_list);
     p.y = y.data_ptr();
@@ -374,7 +389,7 @@ at::Tensor multi_lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight
   const bool fused = operand_vectors && d.tokens > kGatherMaxTokens && d.out_features > 0 && d.max_rank > 0 &&
                      d.max_rank % 8 == 0 && sixteen_bit && A.scalar_type() == x.scalar_type() &&
                      d.adapters * d.out_features <= INT32_MAX - 256 &&
-                     d.tokens <= INT32_MAX / kMultiLoraPairSlots - 256 &&
+                     d.tokens <= INT32_MAX / kMultiLoraMaxPairSlots - 256 &&
                      fused_lora_gemm_usable(x_c, weight, bias, d.max_rank);
   at::Tensor y = fused ? at::Tensor() : at::linear(x, weight, bias).contiguous();
   if (!fused && (d.tokens == 0 || d.max_rank == 0 || d.out_features == 0)) return y;  // nothing to add

@@ -346,20 +346,21 @@ __global__ void __launch_bounds__(128) multi_lora_tile_expand_kernel(const Multi
 
 // The fused GEMM's per-batch inputs (multi_lora.cu, Hopper; lora_gemm_sm90.h), from the tile shrink's partial sums.
 // One block per pair of 256 rows, one thread per row: the pair's distinct slots in increasing order, at most
-// kMultiLoraPairSlots (more: pair_passes = -1, and the expand adds the pair's terms), and for each, the pair's 256
+// max_slots ≤ kMultiLoraMaxPairSlots (more: pair_passes = -1, and the expand adds the pair's terms; pair_slot_list has
+// max_slots entries per pair, xs_by_pass max_slots blocks of 256 rows), and for each, the pair's 256
 // rows of xs_by_pass: s[a]·Σ_splits partial[split][t][j] (the splits added in the expand's order) rounded once to T
 // in the rows of slot a, zeros in the others (rows past the last token included).
 template <typename T, typename IdT>
 __global__ void __launch_bounds__(kMultiLoraPairRows)
     multi_lora_pair_passes_kernel(const MultiLoraParams p, int32_t* pair_passes, int32_t* pair_slot_list,
-                                  T* xs_by_pass, int64_t xs_stride) {
+                                  T* xs_by_pass, int64_t xs_stride, int max_slots) {
   wait_for_preceding_kernel();  // launched as a programmatic dependent (dependent_launch.h): nothing read before
   __shared__ int candidate;
-  __shared__ int slots[kMultiLoraPairSlots + 1];
+  __shared__ int slots[kMultiLoraMaxPairSlots + 1];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMultiLoraPairRows + threadIdx.x;
   const int a = row < p.tokens ? slot_of<IdT>(p.ids, row, p.adapters) : -1;
   int count = 0;
-  for (int previous = -1; count <= kMultiLoraPairSlots; ++count) {  // the next smallest slot above `previous`
+  for (int previous = -1; count <= max_slots; ++count) {  // the next smallest slot above `previous`
     if (threadIdx.x == 0) candidate = INT_MAX;
     __syncthreads();
     if (a > previous) atomicMin(&candidate, a);
@@ -371,11 +372,11 @@ __global__ void __launch_bounds__(kMultiLoraPairRows)
     __syncthreads();  // every thread has read candidate before it is reset
   }
   __syncthreads();
-  const int passes = count > kMultiLoraPairSlots ? -1 : count;
+  const int passes = count > max_slots ? -1 : count;
   if (threadIdx.x == 0) {
     pair_passes[blockIdx.x] = passes;
-    for (int i = 0; i < kMultiLoraPairSlots; ++i) {
-      pair_slot_list[blockIdx.x * kMultiLoraPairSlots + i] = i < passes ? slots[i] : 0;
+    for (int i = 0; i < max_slots; ++i) {
+      pair_slot_list[blockIdx.x * max_slots + i] = i < passes ? slots[i] : 0;
     }
   }
   // Eight ranks at a time, every partial sum of the chunk loaded before its first store: the stores could alias the
@@ -407,7 +408,7 @@ __global__ void __launch_bounds__(kMultiLoraPairRows)
       zero.v[q] = static_cast<T>(0.f);
     }
     for (int i = 0; i < passes; ++i) {
-      const int64_t out_row = (static_cast<int64_t>(blockIdx.x) * kMultiLoraPairSlots + i) * kMultiLoraPairRows +
+      const int64_t out_row = (static_cast<int64_t>(blockIdx.x) * max_slots + i) * kMultiLoraPairRows +
                               threadIdx.x;
       *reinterpret_cast<uint4*>(xs_by_pass + out_row * xs_stride + j0) = slots[i] == a ? value.bits : zero.bits;
     }

@@ -330,3 +330,31 @@ def test_rank_operand_copies_replace_the_rounding_kernels(monkeypatch):
 
     assert elementwise_kernels("1") == []
     assert len(elementwise_kernels("0")) == 2  # the two it replaces, forward and backward
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+def test_rank_blocks_stop_at_the_rank(monkeypatch, shape, dropout_p):
+    """The rank K blocks' MMAs end at r rounded up to 16 (their rows past r are the copy's zeros): y and dx equal,
+    value for value, those of the GEMM running all four MMAs of every rank block (LORA_EXT_GEMM_RANK_STEPS=0)."""
+    if not fused_gemm_serves():
+        pytest.skip("the fused GEMM serves only on a Hopper GPU with an sm_90a build")
+    tokens, in_features, out_features, rank = shape
+    weight, bias, lora_A, lora_B = make_params(in_features, out_features, rank, torch.bfloat16, torch.bfloat16, "cuda")
+    x = make_x(tokens, in_features, torch.bfloat16, "cuda")
+    grad_y = torch.randn(tokens, out_features, device="cuda").to(torch.bfloat16)
+    seed = seed_tensor(99, x.device) if dropout_p > 0 else None
+    monkeypatch.setenv("LORA_EXT_FUSED_GEMM", "force")
+    results = {}
+    for setting in ("0", None):
+        if setting is None:
+            monkeypatch.delenv("LORA_EXT_GEMM_RANK_STEPS", raising=False)
+        else:
+            monkeypatch.setenv("LORA_EXT_GEMM_RANK_STEPS", setting)
+        y, xa = torch.ops.lora_ext.lora_forward(x, weight, bias, lora_A, lora_B, SCALING, dropout_p, seed)
+        grad_x, _, _ = torch.ops.lora_ext.lora_backward(grad_y, x, weight, lora_A, lora_B, xa, SCALING, dropout_p,
+                                                        seed, True)
+        results[setting] = (y, grad_x)
+    # torch.equal: a sum that ends at −0.0 on one side and +0.0 on the other (zeros added or not) still counts equal.
+    assert torch.equal(results["0"][0], results[None][0]), "y"
+    assert torch.equal(results["0"][1], results[None][1]), "dx"

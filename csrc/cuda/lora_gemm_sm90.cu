@@ -98,6 +98,9 @@ struct GemmShape {
   int64_t tokens, out;  // M, N
   int base_k_blocks;    // ⌈in / 64⌉ (K of the base product: in forward, out for dx)
   int lora_k_blocks;    // ⌈r / 64⌉
+  // The rank K blocks' MMAs stop at this many of their K rows (16 each): r rounded up to 16, so that at r = 16 a
+  // rank block costs one of its four MMAs (its other rows are the copy's zeros). lora_k_blocks · 64 = all four.
+  int rank_k_extent;
   int row_pairs;        // ⌈⌈tokens / 128⌉ / 2⌉: a cluster works on two vertically adjacent tiles
   int column_tiles;     // ⌈out / 256⌉
   // Several adapters (multi_lora.cu, lora_gemm_sm90.h): per pair p of 256 rows (both tiles of a cluster),
@@ -390,7 +393,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int lora_k_blocks = tile_lora_k_blocks(shape, m0);
       const int k_blocks = shape.base_k_blocks + lora_k_blocks;
       int previous_stage = -1;
-      for (int kb = 0; kb < k_blocks; ++kb) {
+      // One stage's MMAs: all four of a base K block, or for a rank K block (they come first) only those up to r
+      // rounded up to 16 (its rows past r are the copy's zeros; the count depends on kb only, so every warpgroup of
+      // the block issues as many). Two loops, so that the base blocks' MMAs stay one straight run without a branch.
+      auto consume_stage = [&](int kb, int k_steps, auto all_steps_tag) {
+        constexpr bool kAllSteps = decltype(all_steps_tag)::value;
         mbarrier_wait(&full[stage], phase);
         const unsigned char* x_tile = shared + stage * kStageBytes + consumer * 64 * 128;
         const unsigned char* w_tile = shared + stage * kStageBytes + kTileXBytes;
@@ -399,6 +406,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < kTileK / 16; ++ks) {
+          if constexpr (!kAllSteps) {
+            if (ks >= k_steps) break;
+          }
           const uint64_t desc_x = swizzled_tile_descriptor(x_tile + ks * 32);
           const int accumulate = (kb > 0 || ks > 0) ? 1 : 0;
           if constexpr (kRight == RightOperand::kKContiguous) {
@@ -441,7 +451,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           stage = 0;
           phase ^= 1;
         }
+      };
+      for (int kb = 0; kb < lora_k_blocks; ++kb) {
+        const int rank_k0 = (kb % shape.lora_k_blocks) * kTileK;
+        consume_stage(kb, min(kTileK / 16, (shape.rank_k_extent - rank_k0) / 16), std::false_type{});
       }
+      for (int kb = lora_k_blocks; kb < k_blocks; ++kb) consume_stage(kb, kTileK / 16, std::true_type{});
       wgmma_wait<0>();
 #pragma unroll
       for (int i = 0; i < 128; ++i) fence_accumulator(acc[i]);
@@ -530,6 +545,13 @@ int kernel_clusters() {
 // compares both), force = on every shape it supports (tests/test_fused_gemm_cuda.py covers its edge cases on small
 // shapes).
 enum class FusedGemmSetting { kOff, kAuto, kForce };
+// LORA_EXT_GEMM_RANK_STEPS=0 runs all four MMAs of every rank K block (the zeros past r included), as before
+// session 21, for same-process comparisons (benchmarks/switch_ab.py); unset: they stop at r rounded up to 16.
+bool rank_k_steps_trimmed() {
+  const char* setting = std::getenv("LORA_EXT_GEMM_RANK_STEPS");
+  return setting == nullptr || std::strcmp(setting, "0") != 0;
+}
+
 FusedGemmSetting fused_gemm_setting() {
   const char* setting = std::getenv("LORA_EXT_FUSED_GEMM");
   if (setting == nullptr) return FusedGemmSetting::kAuto;
@@ -602,6 +624,7 @@ at::Tensor launch_gemm(const at::Tensor& left, const at::Tensor& right, const c1
   shape.out = n;
   shape.base_k_blocks = static_cast<int>((k + kTileK - 1) / kTileK);
   shape.lora_k_blocks = static_cast<int>((rank + kTileK - 1) / kTileK);
+  shape.rank_k_extent = rank_k_steps_trimmed() ? static_cast<int>((rank + 15) / 16 * 16) : shape.lora_k_blocks * kTileK;
   const int64_t row_tiles = (tokens + kTileM - 1) / kTileM;
   shape.row_pairs = static_cast<int>((row_tiles + kClusterBlocks - 1) / kClusterBlocks);
   shape.column_tiles = static_cast<int>((n + kTileN - 1) / kTileN);

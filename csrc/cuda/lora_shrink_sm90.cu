@@ -305,11 +305,13 @@ ShrinkSm90Setting shrink_sm90_setting() {
 //   shrink 43 → 40 µs; 4096: 29 → 23 µs); at 2048 the other shrink's many small blocks win;
 // - without dropout above rank 16, where the pass is small enough for the call to be host-bound (tokens · K < 2^25,
 //   8192 × 4096): it replaces cuBLAS's product and its rounding copy, and at 2048 and 4096 tokens a step took 2.93 →
-//   1.87 and 1.58 → 1.20 of the base; at 8192 tokens cuBLAS's product (29 µs against 35) keeps it.
-// Ranks ≤ 16 without dropout keep the tensor-core shrink (the same 30 µs at 8192 tokens, less host time per call).
-bool shrink_sm90_pays(int64_t tokens, int64_t k, int64_t rank, bool dropout) {
+//   1.87 and 1.58 → 1.20 of the base; at 8192 tokens cuBLAS's product (29 µs against 35) keeps it;
+// - without dropout at ranks ≤ 16 in the same range (v23, forward calls in one process: 1024 tokens 1.45–1.47× →
+//   1.37–1.38× of the base, 2048 1.30× → 1.28×, 4096 1.15× → 1.13–1.14×, r = 8 and 16; the shrink 12.5 → 9.7 µs at
+//   2048). At 8192 tokens the tensor-core shrink keeps them (1.087× against 1.101× forward).
+bool shrink_sm90_pays(int64_t tokens, int64_t k, bool dropout) {
   if (dropout) return tokens >= 4096;
-  return rank > 16 && tokens >= kShrinkSm90MinTokens && tokens * k < (int64_t{1} << 25);
+  return tokens >= kShrinkSm90MinTokens && tokens * k < (int64_t{1} << 25);
 }
 
 // 0 where the sm_90a image of this kernel is not the one loaded on the current device; else the most blocks a K-split
@@ -473,7 +475,7 @@ bool shrink_sm90(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_rk, d
     case ShrinkSm90Setting::kOff:
       return false;
     case ShrinkSm90Setting::kAuto:
-      if (!shrink_sm90_pays(tokens, k, rank, dropout_seed != nullptr)) return false;
+      if (!shrink_sm90_pays(tokens, k, dropout_seed != nullptr)) return false;
       break;
     case ShrinkSm90Setting::kOn:
       if (tokens < kShrinkSm90MinTokens) return false;

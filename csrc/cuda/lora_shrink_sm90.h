@@ -21,7 +21,7 @@ namespace cuda {
 // loaded on a compute-capability-9.0 GPU, x and w_rk of one 16-bit dtype, x's rows 16-byte aligned with unit column
 // stride, w_rk (r × K, r ≤ 64) with unit stride along K (rows 16-byte aligned) or along r (r a multiple of 8: a view
 // Bᵀ of a row-major B), out contiguous float32, and a call where it pays (shrink_sm90_pays: with dropout from 4096
-// tokens; ranks 17–64 without dropout in calls of 1024 tokens up to tokens · K < 2^25). LORA_EXT_SHRINK_SM90=0: never;
+// tokens; without dropout (every rank ≤ 64 since v23) in calls of 1024 tokens up to tokens · K < 2^25). LORA_EXT_SHRINK_SM90=0: never;
 // =force: from one token, at any rank (the tests); =1: from 1024 tokens whether it pays or not (the benchmarks). dropout_seed
 // (nullptr: none) and dropout_threshold as dropout_mask.h draws the mask of X; alpha then includes the keep scale.
 // Returns false, having done nothing, where it does not take them.

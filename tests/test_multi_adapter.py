@@ -895,12 +895,12 @@ def test_fused_gemm_prefill_matches_reference(monkeypatch, dtype, bias, ids_dtyp
     rank-r term per distinct adapter of the pair (up to 8 by default, each from that adapter's rows of xs, zeros
     elsewhere); pairs of more adapters get theirs from the tile expand afterwards. LORA_EXT_FUSED_GEMM=force lifts the
     GEMM's 4096-token cutoff; =0 is the cuBLAS + expand path; LORA_EXT_PAIR_SLOTS=4 sends the pair of 6 adapters
-    to the expand too. All against the float64 per-row reference, pair by pair. A row
-    of a pair of at most 8 adapters comes out bit for bit as when the whole batch uses its adapter (the other
-    adapters' K blocks add exact zeros). Stacks of rank 16, 8 and 24 (the pair kernel's 8-rank chunks: two, one,
-    three; the fused path takes stacks of r % 8 == 0). out = 264 is 5 column tiles of the expand: with 2 per block (the default) the last
-    block has one; LORA_EXT_EXPAND_TILES=1 and 5 give the same y bit for bit. The same in a captured CUDA graph,
-    replayed with other ids."""
+    to the expand too. All against the float64 per-row reference, pair by pair. A row of a pair of at most 8
+    adapters comes out bit for bit as when the whole batch uses its adapter (the other adapters' K blocks add exact
+    zeros). Stacks of rank 16, 8 and 24 (the pair kernel's 8-rank chunks: two, one, three; the fused path takes
+    stacks of r % 8 == 0). out = 264 is 5 column tiles of the expand: with 2 per block (the default) the last block
+    has one; LORA_EXT_EXPAND_TILES=1 and 5 give the same y bit for bit. The same in a captured CUDA graph, replayed
+    with other ids."""
     if not fused_gemm_serves():
         pytest.skip("the fused GEMM serves only on a Hopper GPU with an sm_90a build")
     tokens, in_f, out_f = 1356, 520, 264
